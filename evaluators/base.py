@@ -1,0 +1,70 @@
+"""The evaluator protocol, JSONL data loading and construction from config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Maps an in-memory model to metrics. Batched, no grad, deterministic.
+
+    Metric names are namespaced: ``accuracy/reverse``, ``lm_eval/toy_add/exact_match``.
+    ``limit`` caps the number of examples (used by multi-fidelity search).
+    """
+
+    name: str
+
+    def evaluate(self, model: Any, tokenizer: Any, *, limit: int | None = None) -> dict[str, float]:
+        ...
+
+
+def resolve_data(data: str, split: str) -> Path:
+    """A folder means ``{data}/{split}.jsonl``; a file is used as it is."""
+    p = Path(data)
+    path = p / f"{split}.jsonl" if p.is_dir() else p
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"evaluation data {str(path)!r} does not exist (data={data!r}, split={split!r})"
+        )
+    return path
+
+
+def default_label(data: str) -> str:
+    p = Path(data)
+    return p.name if p.is_dir() or not p.suffix else p.stem
+
+
+def read_jsonl(path: str | Path, *, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Read a JSONL file; errors name the file and the 1-based line."""
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing key(s) {missing}; row has {sorted(row)}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: the dataset is empty")
+    return rows
+
+
+def build_evaluator(cfg: Any, *, split: str | None = None) -> Evaluator:
+    """Instantiate the evaluator registered under ``cfg.name``.
+
+    ``split`` overrides the config's split (the held-out pass uses ``held_out_split``).
+    """
+    from evomerge.registries import EVALUATORS
+
+    cls = EVALUATORS.get(cfg.name)
+    return cls(cfg, split=split)  # type: ignore[no-any-return]

@@ -1,0 +1,1 @@
+"""The toy suite: a tiny Llama base, experts on synthetic tasks, data splits."""

@@ -1,0 +1,1 @@
+"""Search spaces: Optuna trial parameters <-> Recipe. Installed as ``evomerge.search_spaces``."""

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny Llama models saved as safetensors folders, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evomerge.toy.tokenizer import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **{**TINY, **overrides},
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def perturbed(model, seed: int, scale: float = 0.02):
+    """A copy of ``model`` with a seeded random delta on every tensor (a fake fine-tune)."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders ``base``, ``a``, ``b``, ``c``: a random tiny Llama and three perturbed copies."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    base, tok = make_tiny_llama(seed=0)
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"])
+    tok.save_pretrained(paths["base"])
+    for i, name in enumerate(("a", "b", "c"), start=1):
+        paths[name] = root / name
+        m = perturbed(base, seed=i)
+        m.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    return paths
