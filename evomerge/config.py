@@ -206,7 +206,6 @@ class CmaesConfig(Strict):
     sigma0: float | None = Field(None, gt=0)
     popsize: int | None = Field(None, ge=2)
     separable: bool = False
-    restarts: int = Field(0, ge=0)
     seed: int = 0
 
 

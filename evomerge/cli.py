@@ -1,0 +1,160 @@
+"""The ``evomerge`` command line. ``--help`` imports nothing heavy (a test checks it)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from evomerge import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evomerge", description="Search model-merge recipes (PS, DFS, AdaMerging)."
+    )
+    p.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    toy = sub.add_parser("toy", help="the toy suite (tiny models built locally)")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
+    tb = toy_sub.add_parser("build", help="build the toy suite into DIR (cached)")
+    tb.add_argument("dir", type=Path)
+    tb.add_argument("--size", choices=["tiny", "small"], default="small")
+    tb.add_argument("--force", action="store_true", help="rebuild even if DIR is valid")
+
+    mg = sub.add_parser("merge", help="apply a recipe YAML and write a Hugging Face folder")
+    mg.add_argument("recipe", type=Path)
+    mg.add_argument("out", type=Path)
+    mg.add_argument("--device", default="cpu")
+    mg.add_argument("--allow-pickle", action="store_true", help="allow .bin checkpoints")
+
+    se = sub.add_parser("search", help="run a search job to its budget")
+    se.add_argument("job", type=Path)
+    se.add_argument("--resume", action="store_true", help="continue the job's existing study")
+    se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    se.add_argument("--storage", help="Optuna storage URL (default: journal file in run_dir)")
+    se.add_argument("--no-progress", action="store_true")
+
+    va = sub.add_parser("validate", help="check a job config and print it resolved")
+    va.add_argument("job", type=Path)
+
+    for name, text in (("results", "print the trial table"), ("best", "print the best recipe(s)")):
+        r = sub.add_parser(name, help=text)
+        r.add_argument("run", type=Path, help="run folder (or the job YAML)")
+        r.add_argument("--storage", help="Optuna storage URL if not the run's journal")
+        if name == "results":
+            r.add_argument("--csv", type=Path, help="also write the table as CSV")
+            r.add_argument("--parquet", type=Path, help="also write the table as parquet")
+
+    ad = sub.add_parser("adamerge", help="AdaMerging: learn coefficients by entropy descent")
+    ad.add_argument("job", type=Path)
+    ad.add_argument("--out", type=Path, help="write the learned recipe YAML here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"evomerge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _toy(args: argparse.Namespace) -> int:
+    from evomerge.toy.build import build_suite
+
+    print(build_suite(args.dir, size=args.size, force=args.force))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from evomerge.config import LoadConfig
+    from evomerge.recipe import Recipe
+    from evomerge.workspace import merge_to_folder
+
+    if not args.recipe.is_file():
+        raise FileNotFoundError(f"recipe {str(args.recipe)!r} does not exist")
+    recipe = Recipe.from_yaml(args.recipe.read_text())
+    load = LoadConfig(device=args.device, allow_pickle=args.allow_pickle,
+                      dtype=recipe.dtype or "float32")
+    print(merge_to_folder(recipe, args.out, load=load))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from evomerge.config import load_job
+    from evomerge.driver import run_search
+    from evomerge.results import best_trials
+
+    job = load_job(args.job)
+    study = run_search(job, resume=args.resume, address=args.address, storage_url=args.storage,
+                       progress=not args.no_progress)
+    best = best_trials(study, job)
+    print(f"done: {len(study.trials)} trials in {job.resolved_run_dir}")
+    for t in best:
+        print(f"  trial {t.number}: {dict(zip([o.label for o in job.objectives], t.values))}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from evomerge.config import load_job
+    from evomerge.objectives import check_objectives
+
+    job = load_job(args.job)
+    check_objectives(job.objectives, job.evaluators)
+    print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from evomerge.results import open_run, results_frame
+
+    study, job = open_run(args.run, storage_url=args.storage)
+    df = results_frame(study, job)
+    with pd.option_context("display.max_rows", 500, "display.width", 200,
+                           "display.max_columns", 50):
+        print(df.drop(columns=["error"], errors="ignore"))
+    if args.csv:
+        df.to_csv(args.csv)
+    if args.parquet:
+        df.to_parquet(args.parquet)
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from evomerge.recipe import Recipe
+    from evomerge.results import best_trials, open_run
+
+    study, job = open_run(args.run, storage_url=args.storage)
+    for t in best_trials(study, job):
+        values = dict(zip([o.label for o in job.objectives], t.values))
+        print(f"# trial {t.number}: {values}")
+        print(Recipe.from_dict(t.user_attrs["recipe"]).to_yaml())
+    return 0
+
+
+def _adamerge(args: argparse.Namespace) -> int:
+    from evomerge.adamerging import run_adamerging
+    from evomerge.config import load_job
+
+    result = run_adamerging(load_job(args.job))
+    text = result.recipe.to_yaml()
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+_COMMANDS = {
+    "toy": _toy, "merge": _merge, "search": _search, "validate": _validate,
+    "results": _results, "best": _best, "adamerge": _adamerge,
+}

@@ -1,0 +1,175 @@
+"""The search driver: one process owns the study; Ray workers map Recipe -> metrics.
+
+Ask as many trials as there are idle workers, tell each result as it arrives. Baselines are
+enqueued first. A failed evaluation or a dead worker fails that trial (``user_attrs["error"]``)
+and the search goes on. ``resume=True`` fails trials a dead driver left RUNNING and re-runs
+them, then continues to the budget.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.config import JobConfig
+from evomerge.fidelity import promote_multi, rung_step
+from evomerge.objectives import check_objectives, objective_values
+from evomerge.pool import WorkerPool
+from evomerge.progress import Progress
+from evomerge.recipe import Recipe
+from evomerge.samplers import make_sampler
+from evomerge.study import counted_trials, fail_interrupted, open_study, waiting_trials
+
+
+@dataclass
+class Candidate:
+    trial: optuna.trial.Trial
+    recipe: Recipe
+    worker: int
+    baseline: str | None
+    rung: int = 0
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+def build_space(job: JobConfig) -> Any:
+    from evomerge.registries import SEARCH_SPACES
+
+    return SEARCH_SPACES.get(job.search.space.name)(job.search.space, models=job.models)
+
+
+def run_search(
+    job: JobConfig, *, resume: bool = False, address: str | None = None,
+    storage_url: str | None = None, progress: bool = True,
+) -> optuna.Study:
+    """Run (or resume) the job's search to its budget; return the study."""
+    check_objectives(job.objectives, job.evaluators)
+    space = build_space(job)
+    sampler = make_sampler(job.search.sampler, space.distributions())
+    if job.toy_suite is not None:
+        from evomerge.toy.build import build_suite
+
+        build_suite(job.toy_suite.dir, size=job.toy_suite.size)
+    study = open_study(job, sampler=sampler, resume=resume, storage_url=storage_url)
+    rerun = fail_interrupted(study) if resume else []
+    if not study.trials and job.search.baselines:
+        for name, params in space.baselines().items():
+            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+    for r in rerun:
+        study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
+    with WorkerPool(job, address=address) as pool:
+        Loop(job, study, space, pool, progress=progress).run()
+        from evomerge.heldout import held_out_phase
+
+        held_out_phase(job, study, pool)
+    return study
+
+
+class Loop:
+    """The ask/tell loop over a :class:`WorkerPool`."""
+
+    def __init__(self, job: JobConfig, study: optuna.Study, space: Any, pool: WorkerPool,
+                 *, progress: bool) -> None:
+        self.job, self.study, self.space, self.pool = job, study, space, pool
+        self.dists = space.distributions()
+        fid = job.search.fidelity
+        self.fractions = fid.fractions if fid else (1.0,)
+        self.rf = fid.reduction_factor if fid else 2
+        self.signs = [1 if o.direction == "maximize" else -1 for o in job.objectives]
+        self.rung_history: dict[int, list[list[float]]] = {}
+        self.inflight: dict[Any, Candidate] = {}
+        self.done = counted_trials(study)
+        self.fail_streak = 0
+        self.progress = Progress(study, total=job.search.trials, initial=self.done, enabled=progress)
+
+    def run(self) -> None:
+        try:
+            while True:
+                self._fill()
+                if not self.inflight:
+                    break
+                ref, cand, result, error = self.pool.next_result(self.inflight)
+                self._handle(cand, result, error)
+        finally:
+            self.progress.close()
+
+    def _fill(self) -> None:
+        budget = self.job.search.trials
+        while self.pool.idle and self.done + len(self.inflight) < budget:
+            if self._hold_for_baselines():
+                return
+            trial = self.study.ask(self.dists)
+            recipe = self.space.decode(trial.params)
+            trial.set_user_attr("recipe", recipe.to_dict())
+            baseline = trial.user_attrs.get("baseline")
+            cand = Candidate(trial, recipe, self.pool.idle.pop(), baseline)
+            self._submit(cand)
+
+    def _hold_for_baselines(self) -> bool:
+        """CMA-ES infers its space from completed trials: finish baselines before sampling."""
+        if self.job.search.sampler.name != "cmaes" or waiting_trials(self.study):
+            return False
+        return any(c.baseline for c in self.inflight.values())
+
+    def _submit(self, cand: Candidate) -> None:
+        ref = self.pool.submit(cand.worker, cand.recipe, self.fractions[cand.rung])
+        self.inflight[ref] = cand
+
+    def _handle(self, cand: Candidate, result: dict[str, Any] | None, error: str | None) -> None:
+        values: list[float] = []
+        if result is not None:
+            try:
+                values = objective_values(self.job.objectives, result["metrics"])
+            except (KeyError, ValueError) as err:
+                error = f"{type(err).__name__}: {err}"
+        if error is not None:
+            return self._finish(cand, TrialState.FAIL, error=error, result=result)
+        assert result is not None
+        cand.rungs.append({"fraction": self.fractions[cand.rung], "values": values,
+                           "metrics": result["metrics"]})
+        if cand.rung + 1 < len(self.fractions):
+            if self._promote(cand, values):
+                cand.rung += 1
+                return self._submit(cand)
+            return self._finish(cand, TrialState.PRUNED, result=result)
+        self._finish(cand, TrialState.COMPLETE, values=values, result=result)
+
+    def _promote(self, cand: Candidate, values: list[float]) -> bool:
+        if len(values) == 1:
+            cand.trial.report(values[0], rung_step(cand.rung, self.rf))
+            return not cand.trial.should_prune()
+        seen = self.rung_history.setdefault(cand.rung, [])
+        keep = promote_multi(values, seen, self.signs, self.rf)
+        seen.append(values)
+        return keep
+
+    def _finish(self, cand: Candidate, state: TrialState, *, values: list[float] | None = None,
+                error: str | None = None, result: dict[str, Any] | None = None) -> None:
+        t = cand.trial
+        if result is not None:
+            t.set_user_attr("metrics", result["metrics"])
+            t.set_user_attr("timing", {"merge_s": result["merge_s"], "eval_s": result["eval_s"],
+                                       "wall_s": time.time() - cand.started})
+        if len(cand.rungs) > 1 or state == TrialState.PRUNED:
+            t.set_user_attr("rungs", cand.rungs)
+        if error is not None:
+            t.set_user_attr("error", error)
+        self.study.tell(t, values if state == TrialState.COMPLETE else None, state=state)
+        self.pool.idle.append(cand.worker)
+        self.done += 1
+        self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
+        self.progress.update(error=error)
+        limit = max(3, 2 * self.pool.size)
+        if self.fail_streak >= limit:
+            raise RuntimeError(
+                f"{self.fail_streak} trials failed in a row; stopping. Last error:\n{error}"
+            )
+
+
+def format_error(err: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(err), err)).strip()

@@ -1,0 +1,60 @@
+"""After the search: re-evaluate the best trials and the baselines on the held-out split.
+
+Results are stored as study user attributes ``held_out:{trial number}`` (a finished trial's own
+attributes cannot change), so a resumed run only evaluates what is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.config import JobConfig
+from evomerge.recipe import Recipe
+
+PREFIX = "held_out:"
+
+
+def chosen_trials(job: JobConfig, study: optuna.Study) -> list[FrozenTrial]:
+    """The top-k trials by objective (Pareto set for several objectives) plus the baselines."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    k = job.search.held_out_top_k
+    if len(study.directions) == 1:
+        sign = -1 if job.objectives[0].direction == "maximize" else 1
+        top = sorted(done, key=lambda t: sign * t.values[0])[:k]
+    else:
+        top = sorted(study.best_trials, key=lambda t: t.number)[:k] if k else []
+    base = [t for t in done if t.user_attrs.get("baseline")]
+    seen: dict[int, FrozenTrial] = {t.number: t for t in top + base}
+    return [seen[n] for n in sorted(seen)]
+
+
+def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, dict[str, Any]]:
+    if job.search.held_out_top_k == 0 or not any(
+        getattr(e, "held_out_split", None) for e in job.evaluators
+    ):
+        return {}
+    todo = [t for t in chosen_trials(job, study) if f"{PREFIX}{t.number}" not in study.user_attrs]
+    inflight: dict[Any, FrozenTrial] = {}
+    results: dict[int, dict[str, Any]] = {}
+    while todo or inflight:
+        while todo and pool.idle:
+            t = todo.pop(0)
+            recipe = Recipe.from_dict(t.user_attrs["recipe"])
+            worker = pool.idle.pop()
+            inflight[pool.submit_held_out(worker, recipe)] = (t, worker)
+        _, (t, worker), result, error = pool.next_result(inflight)
+        pool.idle.append(worker)
+        entry = {"metrics": result["metrics"]} if result else {"error": error}
+        study.set_user_attr(f"{PREFIX}{t.number}", entry)
+        results[t.number] = entry
+    return results
+
+
+def stored_held_out(study: optuna.Study) -> dict[int, dict[str, Any]]:
+    return {
+        int(k.removeprefix(PREFIX)): v for k, v in study.user_attrs.items()
+        if k.startswith(PREFIX)
+    }

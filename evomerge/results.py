@@ -1,0 +1,71 @@
+"""Reading a run: the trial table (pandas), the best trial(s), the Pareto front.
+
+Every metric of every trial is stored, so any front can be recomputed when reading.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.config import JobConfig, load_job
+from evomerge.fidelity import dominates
+from evomerge.heldout import stored_held_out
+from evomerge.storage import open_storage
+
+
+def open_run(run: str | Path, *, storage_url: str | None = None) -> tuple[optuna.Study, JobConfig]:
+    """Open a finished or running search from its run folder (or its job YAML)."""
+    p = Path(run)
+    job_path = p / "job.yaml" if p.is_dir() else p
+    if not job_path.is_file():
+        raise FileNotFoundError(
+            f"{str(p)!r} is not a run folder (no job.yaml inside) nor a job config file"
+        )
+    job = load_job(job_path)
+    storage = open_storage(storage_url or job.storage, job.resolved_run_dir)
+    try:
+        study = optuna.load_study(study_name=job.name, storage=storage, sampler=None)
+    except KeyError:
+        raise FileNotFoundError(f"no study named {job.name!r} in {job.resolved_run_dir}") from None
+    return study, job
+
+
+def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
+    """One row per trial: number, state, objective values, every metric, held-out metrics."""
+    held = stored_held_out(study)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name,
+                               "baseline": t.user_attrs.get("baseline", "")}
+        for obj, v in zip(job.objectives, t.values or [None] * len(job.objectives), strict=True):
+            row[f"objective:{obj.label}"] = v
+        row.update(t.user_attrs.get("metrics", {}))
+        for k, v in held.get(t.number, {}).get("metrics", {}).items():
+            row[f"held_out:{k}"] = v
+        row["duration_s"] = t.duration.total_seconds() if t.duration else None
+        row["error"] = t.user_attrs.get("error", "")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
+
+
+def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+    """Brute-force non-dominated filter over completed trials (independent of Optuna's)."""
+    signs = [1 if d == "maximize" else -1 for d in directions]
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    return [
+        t for t in done
+        if not any(dominates(o.values, t.values, signs) for o in done if o is not t)
+    ]
+
+
+def best_trials(study: optuna.Study, job: JobConfig) -> list[FrozenTrial]:
+    """The best trial (single objective) or the Pareto set (several)."""
+    if len(job.objectives) == 1:
+        return [study.best_trial]
+    directions = [o.direction for o in job.objectives]
+    return pareto_front(study.get_trials(deepcopy=False), directions)

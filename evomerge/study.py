@@ -1,0 +1,99 @@
+"""Creating, resuming and counting the Optuna study of a job (driver side only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from evomerge.config import JobConfig
+from evomerge.storage import open_storage, save_job, study_exists
+
+INTERRUPTED = "interrupted"
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def directions(job: JobConfig) -> list[str]:
+    return [o.direction for o in job.objectives]
+
+
+def open_study(
+    job: JobConfig, *, sampler: optuna.samplers.BaseSampler, resume: bool,
+    storage_url: str | None = None,
+) -> optuna.Study:
+    """Create the study, or load it with ``resume``; refuse to silently mix two runs."""
+    run_dir = job.resolved_run_dir
+    storage = open_storage(storage_url or job.storage, run_dir)
+    exists = study_exists(storage, job.name)
+    if exists and not resume:
+        n = len(optuna.load_study(study_name=job.name, storage=storage).trials)
+        if n:
+            raise FileExistsError(
+                f"study {job.name!r} already has {n} trials in {storage_url or run_dir}; "
+                "pass --resume to continue it, or change 'name'/'run_dir' to start a new one"
+            )
+    pruner = _pruner(job)
+    study = optuna.create_study(
+        study_name=job.name, storage=storage, sampler=sampler, pruner=pruner,
+        directions=directions(job), load_if_exists=True,
+    )
+    if exists:
+        _check_same_directions(study, job)
+    save_job(study, job.model_dump(mode="json"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    return study
+
+
+def _pruner(job: JobConfig) -> optuna.pruners.BasePruner:
+    fid = job.search.fidelity
+    if fid is None or len(job.objectives) > 1:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=1, reduction_factor=fid.reduction_factor, min_early_stopping_rate=0
+    )
+
+
+def _check_same_directions(study: optuna.Study, job: JobConfig) -> None:
+    want = [optuna.study.StudyDirection[d.upper()] for d in directions(job)]
+    if list(study.directions) != want:
+        raise ValueError(
+            f"study {job.name!r} was created with directions {study.directions}, "
+            f"the job now asks {want}; use a new name"
+        )
+
+
+def fail_interrupted(study: optuna.Study) -> list[dict[str, Any]]:
+    """Fail trials left RUNNING by a dead driver; return their params to re-run them."""
+    rerun = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        live = optuna.trial.Trial(study, t._trial_id)
+        live.set_user_attr(INTERRUPTED, True)
+        live.set_user_attr("error", "interrupted: the driver stopped")
+        study.tell(t.number, state=TrialState.FAIL)
+        rerun.append({"params": dict(t.params), "user_attrs": _carry(t.user_attrs)})
+    return rerun
+
+
+def _carry(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k == "baseline"}
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count toward the budget: finished, and not failed by an interruption."""
+    return sum(
+        1 for t in study.get_trials(deepcopy=False, states=COUNTED)
+        if not t.user_attrs.get(INTERRUPTED)
+    )
+
+
+def waiting_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def run_dir_of(path: str | Path) -> Path:
+    p = Path(path)
+    return p.parent if p.is_file() else p
