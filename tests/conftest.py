@@ -68,3 +68,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         m.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     return paths
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (``ray.init`` costs seconds and ~1 GB)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
