@@ -56,6 +56,11 @@ class ModelSource(Strict):
     path: str = Field(description="local folder or Hugging Face hub id")
     revision: str | None = None
 
+    @property
+    def source(self) -> str:
+        """The Recipe's source string: ``path`` or ``hub/id@revision``."""
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
 
 class ModelsConfig(Strict):
     base: ModelSource | None = None
@@ -68,6 +73,11 @@ class ModelsConfig(Strict):
         if "base" in self.experts:
             raise ValueError("'base' is reserved for models.base; rename that expert")
         return self
+
+    def sources(self) -> dict[str, str]:
+        """name -> source string, the base (as ``base``) first."""
+        out = {"base": self.base.source} if self.base is not None else {}
+        return {**out, **{name: m.source for name, m in self.experts.items()}}
 
 
 class LoadConfig(Strict):

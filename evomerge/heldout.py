@@ -32,9 +32,9 @@ def chosen_trials(job: JobConfig, study: optuna.Study) -> list[FrozenTrial]:
 
 
 def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, dict[str, Any]]:
-    if job.search.held_out_top_k == 0 or not any(
-        getattr(e, "held_out_split", None) for e in job.evaluators
-    ):
+    from evomerge.worker import has_held_out
+
+    if job.search.held_out_top_k == 0 or not any(has_held_out(e) for e in job.evaluators):
         return {}
     todo = [t for t in chosen_trials(job, study) if f"{PREFIX}{t.number}" not in study.user_attrs]
     inflight: dict[Any, FrozenTrial] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from evomerge.config import JobConfig
@@ -29,12 +30,9 @@ class MergeWorker:
         self.job = JobConfig.model_validate_json(job_json)
         torch.set_num_threads(self.job.resources.torch_threads)
         models = self.job.models
-        sources = {name: m.path for name, m in models.experts.items()}
-        if models.base is not None:
-            sources = {"base": models.base.path, **sources}
         t0 = time.perf_counter()
         self.workspace = Workspace(
-            sources, "base" if models.base is not None else None, load=self.job.load
+            models.sources(), "base" if models.base is not None else None, load=self.job.load
         )
         self.evaluators = [build_evaluator(cfg) for cfg in self.job.evaluators]
         self._held_out: list[Any] | None = None
@@ -54,12 +52,8 @@ class MergeWorker:
     def _build_held_out(self) -> list[Any]:
         from evomerge.evaluators.base import build_evaluator
 
-        out = []
-        for cfg in self.job.evaluators:
-            split = getattr(cfg, "held_out_split", None)
-            if split:
-                out.append(build_evaluator(cfg, split=split))
-        return out
+        return [build_evaluator(cfg, split=cfg.held_out_split)
+                for cfg in self.job.evaluators if has_held_out(cfg)]
 
     def _run(self, recipe_json: str, evaluators: list[Any], fraction: float) -> dict[str, Any]:
         recipe = Recipe.from_json(recipe_json)
@@ -81,6 +75,13 @@ def _limit(evaluator: Any, fraction: float) -> int | None:
     if n is None:
         return None
     return max(1, math.ceil(fraction * n))
+
+
+def has_held_out(cfg: Any) -> bool:
+    """A held-out split exists for folder data (``{data}/{split}.jsonl``), not for one file."""
+    split = getattr(cfg, "held_out_split", None)
+    data = getattr(cfg, "data", None)
+    return bool(split) and data is not None and Path(data).is_dir()
 
 
 def worker_actor_class(job: JobConfig) -> Any:

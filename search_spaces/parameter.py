@@ -36,9 +36,7 @@ class ParameterSpace:
         self.cfg = cfg
         self.spec = METHODS[cfg.method]
         self.experts = list(models.experts)
-        self.sources = {name: m.path for name, m in models.experts.items()}
-        if models.base is not None:
-            self.sources = {"base": models.base.path, **self.sources}
+        self.sources = models.sources()
         self.base = "base" if models.base is not None and self.spec.needs_base else None
         if self.spec.max_models is not None and len(self.experts) > self.spec.max_models:
             raise ValueError(
@@ -148,7 +146,12 @@ class ParameterSpace:
         if self.cfg.method not in _SUM_METHODS | {"ties", "dare_ties", "linear"}:
             experts_alone = {}
         out.update(experts_alone)
-        return {name: self.clip(p) for name, p in out.items()}
+        unique: dict[str, dict[str, float]] = {}
+        for name, params in out.items():  # e.g. "defaults" may equal "uniform"
+            clipped = self.clip(params)
+            if clipped not in unique.values():
+                unique[name] = clipped
+        return unique
 
 
 def _compact(per_kind: dict[str, list[float]]) -> Any:

@@ -50,7 +50,7 @@ def test_search_completes_and_beats_baselines(ray_local, toy_suite_tiny, tmp_pat
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 10
     baselines = [t for t in done if t.user_attrs.get("baseline")]
-    assert {t.user_attrs["baseline"] for t in baselines} >= {"uniform", "defaults"}
+    assert {t.user_attrs["baseline"] for t in baselines} >= {"uniform", *(f"expert:{e}" for e in job.models.experts)}
     assert study.best_value >= max(t.value for t in baselines)
     for t in done:  # every metric, the recipe and the timings are stored
         assert t.value == objective_values(job.objectives, t.user_attrs["metrics"])[0]
