@@ -45,9 +45,13 @@ def build_space(job: JobConfig) -> Any:
 
 def run_search(
     job: JobConfig, *, resume: bool = False, address: str | None = None,
-    storage_url: str | None = None, progress: bool = True,
+    storage_url: str | None = None, progress: bool = True, worker_class: type | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the job's search to its budget; return the study."""
+    """Run (or resume) the job's search to its budget; return the study.
+
+    ``worker_class`` replaces :class:`evomerge.worker.MergeWorker` (same methods), e.g. the
+    simulated workers of ``bench/driver_overhead.py``.
+    """
     check_objectives(job.objectives, job.evaluators)
     space = build_space(job)
     sampler = make_sampler(job.search.sampler, space.distributions())
@@ -62,7 +66,7 @@ def run_search(
             study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
     for r in rerun:
         study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
-    with WorkerPool(job, address=address) as pool:
+    with WorkerPool(job, address=address, worker_class=worker_class) as pool:
         Loop(job, study, space, pool, progress=progress).run()
         from evomerge.heldout import held_out_phase
 

@@ -16,10 +16,11 @@ class WorkerPool:
     string: a raised exception fails that trial; a dead actor is restarted by Ray.
     """
 
-    def __init__(self, job: JobConfig, *, address: str | None = None) -> None:
+    def __init__(self, job: JobConfig, *, address: str | None = None,
+                 worker_class: type | None = None) -> None:
         import ray
 
-        from evomerge.worker import worker_actor_class
+        from evomerge.worker import MergeWorker, worker_actor_class
 
         self.job = job
         self._own_ray = not ray.is_initialized()
@@ -27,7 +28,7 @@ class WorkerPool:
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             ray.init(address=address or job.resources.address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
-        cls = worker_actor_class(job)
+        cls = worker_actor_class(job, worker_class or MergeWorker)
         job_json = job.model_dump_json()
         self.actors = [
             cls.options(name=f"evomerge:{job.name}:{i}", get_if_exists=False).remote(job_json)

@@ -84,10 +84,11 @@ def has_held_out(cfg: Any) -> bool:
     return bool(split) and data is not None and Path(data).is_dir()
 
 
-def worker_actor_class(job: JobConfig) -> Any:
+def worker_actor_class(job: JobConfig, cls: type = MergeWorker) -> Any:
+    """``cls`` as a Ray actor with the job's resources (benchmarks pass a simulated worker)."""
     import ray
 
     res = job.resources
     return ray.remote(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=-1, max_task_retries=0
-    )(MergeWorker)
+    )(cls)

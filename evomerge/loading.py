@@ -1,0 +1,174 @@
+"""Load models and tokenizers from a local folder or the Hugging Face hub; check compatibility.
+
+A source is a local folder or a hub id, optionally pinned as ``org/name@revision``. Only
+safetensors weights are loaded unless ``LoadConfig.allow_pickle`` is set: a pickle (``.bin``)
+file can run arbitrary code when it is read.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from evomerge.config import LoadConfig
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def parse_source(source: str) -> tuple[str, str | None]:
+    """Split ``org/name@revision``; an existing local path is never split.
+
+    >>> parse_source("org/model@v1.0")
+    ('org/model', 'v1.0')
+    >>> parse_source("org/model")
+    ('org/model', None)
+    """
+    if "@" not in source or Path(source).expanduser().exists():
+        return source, None
+    location, _, revision = source.rpartition("@")
+    return location, revision or None
+
+
+def locate(name: str, source: str) -> tuple[str, str | None, bool]:
+    """(location, revision, is_local) for model ``name``; FileNotFoundError if it is neither."""
+    location, revision = parse_source(source)
+    path = Path(location).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {name!r}: {location!r} is a file; give the model's folder")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model {name!r}: {location!r} has no config.json; is it a Hugging Face model "
+                "folder (saved with save_pretrained)?"
+            )
+        return str(path), revision, True
+    if location.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(location):
+        raise FileNotFoundError(
+            f"model {name!r}: path {location!r} does not exist (and is not a hub id "
+            "like 'org/name'); check models.*.path"
+        )
+    return location, revision, False
+
+
+def check_weight_files(name: str, folder: Path, *, allow_pickle: bool) -> None:
+    """Refuse a folder that has only pickle weights unless ``allow_pickle``."""
+    files = sorted(p.name for p in folder.iterdir())
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if not pickles:
+        raise FileNotFoundError(f"model {name!r}: no *.safetensors weights in {str(folder)!r}")
+    if not allow_pickle:
+        raise ValueError(
+            f"model {name!r} in {str(folder)!r} has only pickle weights ({', '.join(pickles)}), "
+            "which can run arbitrary code when loaded. Convert them to safetensors, or set "
+            "load.allow_pickle: true (LoadConfig(allow_pickle=True)) if you trust the files."
+        )
+
+
+def load_model(name: str, source: str, *, load: LoadConfig) -> Any:
+    """Load model ``name`` from ``source`` in ``load.dtype`` on ``load.device``, in eval mode."""
+    import transformers
+
+    from evomerge.merge import DTYPES
+
+    location, revision, local = locate(name, source)
+    if local:
+        check_weight_files(name, Path(location), allow_pickle=load.allow_pickle)
+    opts: dict[str, Any] = {"trust_remote_code": load.trust_remote_code}
+    if revision is not None:
+        opts["revision"] = revision
+    try:
+        config = transformers.AutoConfig.from_pretrained(location, **opts)
+        model = _model_class(config).from_pretrained(
+            location, config=config, dtype=DTYPES[load.dtype],
+            use_safetensors=None if load.allow_pickle else True, **opts,
+        )
+    except OSError as err:
+        raise OSError(_load_error(name, location, revision, err, load)) from err
+    return model.to(load.device).eval()
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if archs and hasattr(transformers, archs[0]):
+        return getattr(transformers, archs[0])
+    return transformers.AutoModelForCausalLM
+
+
+def _load_error(name: str, location: str, revision: str | None, err: Exception,
+                load: LoadConfig) -> str:
+    where = f"{location!r}" + (f" at revision {revision!r}" if revision else "")
+    msg = f"model {name!r}: could not load {where}: {err}"
+    if "safetensors" in str(err) and not load.allow_pickle:
+        msg += " (if it only has .bin weights and you trust them, set load.allow_pickle: true)"
+    return msg
+
+
+def load_tokenizer(name: str, source: str, *, load: LoadConfig) -> Any:
+    """Load the tokenizer stored with model ``name``."""
+    from transformers import AutoTokenizer
+
+    location, revision, _ = locate(name, source)
+    opts: dict[str, Any] = {"trust_remote_code": load.trust_remote_code}
+    if revision is not None:
+        opts["revision"] = revision
+    try:
+        return AutoTokenizer.from_pretrained(location, **opts)
+    except (OSError, ValueError) as err:
+        msg = f"model {name!r}: could not load a tokenizer from {location!r}: {err}"
+        raise type(err)(msg) from err
+
+
+def tensor_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a model's state dict."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_compatible(ref_name: str, ref: Any, name: str, model: Any) -> None:
+    """Same architecture and the same tensor names and shapes, or ValueError naming the first
+    difference."""
+    want = (ref.config.model_type, tuple(ref.config.architectures or ()))
+    got = (model.config.model_type, tuple(model.config.architectures or ()))
+    if want != got:
+        raise ValueError(
+            f"model {name!r} is {got[0]} {list(got[1])} but {ref_name!r} is {want[0]} "
+            f"{list(want[1])}; models to merge must share one architecture"
+        )
+    check_same_tensors(ref_name, tensor_shapes(ref), name, tensor_shapes(model))
+
+
+def check_same_tensors(ref_name: str, ref: Mapping[str, tuple[int, ...]], name: str,
+                       other: Mapping[str, tuple[int, ...]]) -> None:
+    for key, shape in ref.items():
+        if key not in other:
+            raise ValueError(f"model {name!r} has no tensor {key!r}, which {ref_name!r} has")
+        if tuple(other[key]) != tuple(shape):
+            raise ValueError(
+                f"tensor {key!r} has shape {tuple(other[key])} in model {name!r} but "
+                f"{tuple(shape)} in {ref_name!r}; models to merge must have the same shapes"
+            )
+    extra = [key for key in other if key not in ref]
+    if extra:
+        raise ValueError(f"model {name!r} has tensor {extra[0]!r}, which {ref_name!r} lacks")
+
+
+def check_same_vocab(ref_name: str, ref_tok: Any, name: str, tok: Any) -> None:
+    """The two tokenizers map the same tokens to the same ids, or ValueError naming one."""
+    a, b = ref_tok.get_vocab(), tok.get_vocab()
+    if a == b:
+        return
+    if len(a) != len(b):
+        detail = f"{len(b)} tokens vs {len(a)}"
+    else:
+        token = next(t for t in sorted(a, key=a.__getitem__) if b.get(t) != a[t])
+        detail = f"token {token!r} has id {b.get(token)} vs {a[token]}"
+    raise ValueError(
+        f"the tokenizer of model {name!r} differs from {ref_name!r} ({detail}); models to "
+        "merge must share one vocabulary"
+    )
