@@ -228,7 +228,7 @@ def linear(base: Tensor | None, tensors: Tensor, *, weight: Sequence[float], nor
     w = torch.as_tensor(weight, dtype=torch.float32, device=tensors.device)
     result = torch.zeros(tensors.shape[1:], dtype=torch.float32, device=tensors.device)
     for k in range(tensors.shape[0]):
-        result.add_(tensors[k].float() * w[k])
+        result.addcmul_(tensors[k].float(), w[k])
     if normalize:
         total = w.sum()
         if total == 0:

@@ -1,0 +1,170 @@
+"""Unit tests of the per-tensor merge kernels and the coefficient rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from evomerge import merge_methods as mm
+from evomerge.coefficients import layer_index, per_layer, resolve
+from evomerge.methods_spec import METHODS
+from evomerge.registries import MERGE_METHODS
+
+
+def test_every_registered_method_has_a_kernel_and_a_spec():
+    assert MERGE_METHODS.names() == sorted(METHODS)
+    for name in MERGE_METHODS.names():
+        assert callable(MERGE_METHODS.get(name))
+
+
+def test_linear_weighted_mean_and_sum():
+    t = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    assert mm.linear(None, t, weight=[1.0, 3.0]).tolist() == [2.5, 5.0]
+    assert mm.linear(None, t, weight=[1.0, 3.0], normalize=False).tolist() == [10.0, 20.0]
+    with pytest.raises(ValueError, match="sum to 0"):
+        mm.linear(None, t, weight=[1.0, -1.0])
+
+
+def test_task_arithmetic_lambda_and_normalize():
+    base = torch.tensor([1.0, 1.0])
+    t = torch.tensor([[2.0, 1.0], [1.0, 3.0]])  # tau = [1, 0], [0, 2]
+    out = mm.task_arithmetic(base, t, weight=[0.5, 1.0], lambda_=2.0)
+    assert out.tolist() == [2.0, 5.0]
+    out = mm.task_arithmetic(base, t, weight=[0.5, 1.5], normalize=True)
+    assert out.tolist() == pytest.approx([1.25, 2.5])
+
+
+def test_ties_elects_sign_and_takes_disjoint_mean():
+    base = torch.zeros(4)
+    t = torch.tensor([[1.0, -2.0, 3.0, 0.5], [2.0, 1.0, -1.0, 0.1]])
+    out = mm.ties(base, t, weight=[1.0, 1.0])  # density 1: no trimming
+    assert out.tolist() == pytest.approx([1.5, -2.0, 3.0, 0.3])
+    summed = mm.ties(base, t, weight=[1.0, 1.0], normalize=False)
+    assert summed.tolist() == pytest.approx([3.0, -2.0, 3.0, 0.6])
+
+
+def test_ties_trims_each_task_vector_to_its_density():
+    base = torch.zeros(4)
+    t = torch.tensor([[4.0, -3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert mm.ties(base, t, weight=[1.0, 1.0], density=[0.5, 1.0]).tolist() == [4, -3, 0, 0]
+
+
+def test_magnitude_trim_counts_follow_mergekit():
+    a = torch.arange(1.0, 11.0)
+    kth = mm.sorted_kth(a)
+    assert mm.trim_mask(a, method="magnitude", density=1.0, gamma=0, kth=kth) is None
+    assert not mm.trim_mask(a, method="magnitude", density=0.0, gamma=0, kth=kth).any()
+    assert mm.trim_mask(a, method="magnitude", density=0.01, gamma=0, kth=kth).sum() == 1
+    keep = mm.trim_mask(a, method="magnitude", density=0.35, gamma=0, kth=kth)
+    assert keep.tolist() == [False] * 7 + [True] * 3
+
+
+def test_breadcrumbs_drops_largest_gamma_and_smallest():
+    a = torch.arange(1.0, 11.0)
+    kth = mm.sorted_kth(a)
+    keep = mm.trim_mask(a, method="outliers", density=0.5, gamma=0.2, kth=kth)
+    assert a[keep].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
+    # gamma shrinks so that density is still met
+    keep = mm.trim_mask(a, method="outliers", density=0.9, gamma=0.5, kth=kth)
+    assert a[keep].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    base = torch.zeros(10)
+    out = mm.breadcrumbs(base, a[None], weight=[1.0], density=0.5, gamma=0.2)
+    assert out.tolist() == [0, 0, 0, 4, 5, 6, 7, 8, 0, 0]
+
+
+@pytest.mark.parametrize("n,size", [(7, 1024), (1000, 16), (1001, 7), (4096, 64)])
+def test_magnitude_table_gives_exact_ranks(n, size):
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randint(0, 50, (n,), generator=gen).float()  # many ties
+    table, step = mm.magnitude_table(a, size)
+    reference = torch.sort(a, descending=True).values
+    for r in range(n):
+        assert mm.table_kth(a, table, step, r) == reference[r], r
+
+
+def test_rescale_restores_l1_norm():
+    delta = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    mask = torch.tensor([False, True, False, True])
+    out = mm.apply_mask(delta, mask, rescale=True)
+    assert out.abs().sum().item() == pytest.approx(10.0)
+    assert out.tolist() == pytest.approx([0.0, -10 / 3, 0.0, -20 / 3])
+    assert mm.apply_mask(delta, mask, rescale=False).tolist() == [0.0, -2.0, 0.0, -4.0]
+
+
+def test_dare_drop_rate_and_mean_are_preserved():
+    n = 200_000
+    gen = torch.Generator().manual_seed(0)
+    base = torch.zeros(n)
+    tau = 1.0 + 0.5 * torch.randn(n, generator=gen)
+    out = mm.dare_linear(base, tau[None], weight=[1.0], density=0.3,
+                         generators=[mm.dare_generator(0, "w", "a")])
+    kept = (out != 0).float().mean().item()
+    assert kept == pytest.approx(0.3, abs=0.005)
+    assert out.mean().item() == pytest.approx(tau.mean().item(), rel=0.01)
+    assert out.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-4)
+    plain = mm.dare_linear(base, tau[None], weight=[1.0], density=0.3, rescale=False,
+                           generators=[mm.dare_generator(0, "w", "a")])
+    assert torch.equal(plain[plain != 0], tau[plain != 0])
+
+
+def test_dare_masks_are_seeded_by_seed_tensor_and_model():
+    base, t = torch.zeros(1000), torch.ones(2, 1000)
+
+    def run(seed, tensor):
+        gens = [mm.dare_generator(seed, tensor, m) for m in ("a", "b")]
+        return mm.dare_ties(base, t, weight=[1.0, 1.0], density=0.5, generators=gens)
+
+    assert torch.equal(run(1, "w"), run(1, "w"))
+    assert not torch.equal(run(1, "w"), run(2, "w"))
+    assert not torch.equal(run(1, "w"), run(1, "v"))
+    g_a, g_b = mm.dare_generator(1, "w", "a"), mm.dare_generator(1, "w", "b")
+    assert not torch.equal(torch.rand(100, generator=g_a), torch.rand(100, generator=g_b))
+
+
+def test_slerp_endpoints_and_arc():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]])
+    assert mm.slerp(a, b, t=0.0).tolist() == pytest.approx([1.0, 0.0])
+    assert mm.slerp(a, b, t=1.0).tolist() == pytest.approx([0.0, 1.0])
+    h = math.sqrt(0.5)
+    assert mm.slerp(a, b, t=0.5).tolist() == pytest.approx([h, h])  # on the arc, not the chord
+    parallel = mm.slerp(a, 3 * a[None], t=0.5)  # nearly parallel: linear fallback
+    assert parallel.tolist() == pytest.approx([2.0, 0.0])
+    with pytest.raises(ValueError, match="exactly one"):
+        mm.slerp(a, torch.stack([a, a]), t=0.5)
+
+
+def test_combine_without_models_is_base():
+    base = torch.tensor([1.0, 2.0])
+    assert torch.equal(mm.combine(base, torch.empty(0, 2), [], consensus=True,
+                                  normalize=True), base)
+
+
+def test_layer_index_across_architectures():
+    assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_index("transformer.h.3.attn.c_attn.weight") == 3
+    assert layer_index("model.embed_tokens.weight") is None
+    assert layer_index("lm_head.weight") is None
+
+
+def test_resolve_rules():
+    q = "model.layers.5.self_attn.q_proj.weight"
+    up = "model.layers.5.mlp.up_proj.weight"
+    norm = "model.layers.5.input_layernorm.weight"
+    value = {"self_attn": 0.1, "mlp": (0.2, 0.3, 0.4), "default": 0.9}
+    assert resolve(value, q, num_layers=8) == 0.1
+    assert resolve(value, up, num_layers=8) == 0.3  # group 5 * 3 // 8 = 1
+    assert resolve(value, norm, num_layers=8) == 0.9
+    assert resolve(value, "model.norm.weight", num_layers=8) == 0.9
+    assert resolve({"mlp": 0.2}, q, num_layers=8) is None  # falls through to the next scope
+    assert resolve((0.1, 0.2), "lm_head.weight", num_layers=8) == 0.1
+    assert resolve(True, q, num_layers=8) is True
+    with pytest.raises(ValueError, match="at most 8"):
+        resolve(tuple(range(9)), q, num_layers=8)
+
+
+def test_per_layer_expands_groups_for_export():
+    assert per_layer((1.0, 2.0, 3.0), 6) == (1.0, 1.0, 2.0, 2.0, 3.0, 3.0)
+    assert per_layer({"mlp": (1.0, 2.0), "default": 0.5}, 4) == {
+        "mlp": (1.0, 1.0, 2.0, 2.0), "default": 0.5}

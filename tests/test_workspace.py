@@ -1,0 +1,132 @@
+"""The in-place Workspace against the pure merge, repeatability, subsets, and merge_to_folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.merge import merge_state_dicts
+from evomerge.recipe import Recipe
+from evomerge.workspace import Workspace, merge_to_folder
+
+W = {"self_attn": (0.2, 0.9), "mlp": 0.5, "default": 0.7}
+RECIPES = {
+    "linear": ("linear", {"a": {"weight": (0.2, 0.4, 0.6, 0.8)}, "c": {"weight": W}}, {}),
+    "task_arithmetic": ("task_arithmetic", {"a": {"weight": 0.6}, "b": {"weight": W}},
+                        {"lambda": 0.7}),
+    "ties": ("ties", {"a": {"weight": W, "density": (0.2, 0.6)},
+                      "b": {"weight": 0.5, "density": 0.35},
+                      "c": {"weight": (1.0, 0.1), "density": {"mlp": 0.1, "default": 0.9}}},
+             {"lambda": 1.1}),
+    "dare_linear": ("dare_linear", {"a": {"weight": 0.5, "density": 0.4},
+                                    "b": {"weight": W, "density": 0.6}}, {}),
+    "dare_ties": ("dare_ties", {"a": {"weight": 0.5, "density": (0.3, 0.9)},
+                                "c": {"weight": 0.8, "density": 0.5}}, {"normalize": True}),
+    "breadcrumbs": ("breadcrumbs", {"b": {"weight": 0.9, "density": 0.7, "gamma": 0.05},
+                                    "c": {"weight": W, "density": 0.8}}, {}),
+    "slerp": ("slerp", {"c": {}}, {"t": (0.3, 0.6)}),
+}
+
+
+def make(name: str, sources: dict[str, str], **kw) -> Recipe:
+    method, models, params = RECIPES[name]
+    return Recipe(method=method, sources=sources, base_model="base", models=models,
+                  parameters=params, seed=5, **kw)
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_models) -> dict[str, str]:
+    return {name: str(path) for name, path in tiny_models.items()}
+
+
+@pytest.fixture(scope="module")
+def state_dicts(sources):
+    return {n: load_file(f"{p}/model.safetensors") for n, p in sources.items()}
+
+
+@pytest.fixture(scope="module")
+def workspace(sources) -> Workspace:
+    torch.set_num_threads(1)
+    return Workspace(sources, "base")
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_workspace_attributes(workspace, sources):
+    assert workspace.names == ["base", "a", "b", "c"]
+    assert workspace.num_layers == 4
+    assert workspace.tokenizer.get_vocab() and workspace.model.training is False
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("non_layer", ["first", "base"])
+def test_in_place_merge_equals_pure_merge(name, non_layer, workspace, sources, state_dicts):
+    recipe = make(name, sources, non_layer=non_layer)
+    live = snapshot(workspace.apply(recipe))
+    pure = merge_state_dicts(recipe, state_dicts, num_layers=4)
+    assert set(live) == set(pure)
+    for key, tensor in pure.items():
+        assert torch.equal(live[key], tensor), key  # bit-identical, DARE included
+    if non_layer == "base":
+        assert torch.equal(live["lm_head.weight"], state_dicts["base"]["lm_head.weight"])
+
+
+def test_apply_x_y_x_gives_x_exactly(workspace, sources):
+    x, y = make("ties", sources), make("dare_ties", sources)
+    first = snapshot(workspace.apply(x))
+    workspace.apply(y)
+    workspace.apply(make("linear", sources))
+    again = snapshot(workspace.apply(x))
+    assert all(torch.equal(again[k], v) for k, v in first.items())
+
+
+def test_expert_alone_and_subsets(workspace, sources, state_dicts):
+    alone = Recipe(method="linear", sources=sources, models={"b": {"weight": 1.0}})
+    live = snapshot(workspace.apply(alone))
+    for key, tensor in state_dicts["b"].items():
+        torch.testing.assert_close(live[key], tensor, rtol=0, atol=1e-7)
+    # a recipe over a subset: the unused source contributes nothing
+    subset = make("task_arithmetic", sources)
+    sub_sources = {k: v for k, v in sources.items() if k in ("base", "a", "b")}
+    pure = merge_state_dicts(subset, {k: state_dicts[k] for k in sub_sources}, num_layers=4)
+    live = snapshot(workspace.apply(subset))
+    assert all(torch.equal(live[k], v) for k, v in pure.items())
+
+
+def test_merged_model_runs(workspace, sources):
+    model = workspace.apply(make("ties", sources))
+    ids = workspace.tokenizer("12+34=", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_recipe_must_match_the_loaded_sources(workspace, sources):
+    moved = dict(sources, a="/somewhere/else")
+    with pytest.raises(ValueError, match="somewhere/else"):
+        workspace.apply(make("ties", moved))
+    other_base = Recipe(method="task_arithmetic", sources=sources, base_model="a",
+                        models={"b": {"weight": 1.0}})
+    with pytest.raises(ValueError, match="base_model='a'"):
+        workspace.apply(other_base)
+    with pytest.raises(ValueError, match="exactly 1"):
+        workspace.apply(Recipe(method="slerp", sources=sources, base_model="base",
+                               models={"a": {}, "b": {}}))
+
+
+def test_merge_to_folder_loads_with_transformers(tmp_path, sources, state_dicts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = make("ties", sources)
+    out = merge_to_folder(recipe, tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    pure = merge_state_dicts(recipe, state_dicts, num_layers=4)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in pure.items())
+    assert any(p.suffix == ".safetensors" for p in out.iterdir())
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(sources["base"]).get_vocab()
+    with pytest.raises(ValueError, match="is source 'a'"):
+        merge_to_folder(recipe, sources["a"])
