@@ -12,7 +12,7 @@ method does with ``normalize: false``, so the returned Recipe reproduces the lea
 
 Entropy rewards confidence, not correctness: a labeled metric is tracked beside it.
 
->>> from evomerge.config import AdaMergingConfig
+>>> from evomerge.config import AdaMergingConfig, LoadConfig
 >>> res = adamerge("base/", {"a": "a/", "b": "b/"}, cfg=AdaMergingConfig(steps=100),
 ...                unlabeled=["rev:abc>", "srt:312>"])  # doctest: +SKIP
 >>> res.recipe.method, res.lambdas["a"][:2]  # doctest: +SKIP
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from evomerge.coefficients import layer_group, layer_index
-from evomerge.config import AdaMergingConfig
+from evomerge.config import AdaMergingConfig, LoadConfig
 from evomerge.evaluators.entropy import encode_right_padded, model_max_length, prediction_entropy
 from evomerge.recipe import Recipe
 
@@ -207,13 +207,21 @@ def teacher_forced_match(
 
 
 # -- the optimisation loop ---------------------------------------------------------------------
-def load_causal_lm(path: str, device: str = "cpu") -> tuple[Any, Any]:
-    """A float32 causal LM in eval mode with frozen parameters, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_models(
+    base: str, experts: Mapping[str, str], device: str = "cpu"
+) -> tuple[Any, Any, dict[str, dict[str, Tensor]]]:
+    """The base model (float32, eval, frozen), its tokenizer and each expert's parameters,
+    checked to share the base's architecture and tensor shapes."""
+    from evomerge.loading import check_compatible, load_model, load_tokenizer
 
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = model.to(device).eval().requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(path)
+    load = LoadConfig(dtype="float32", device=device)
+    model = load_model("base", base, load=load).requires_grad_(False)
+    params = {}
+    for name, path in experts.items():
+        other = load_model(name, path, load=load)
+        check_compatible("base", model, name, other)
+        params[name] = {n: p.detach() for n, p in other.named_parameters()}
+    return model, load_tokenizer("base", base, load=load), params
 
 
 def _batches(n: int, size: int, seed: int):
@@ -251,10 +259,8 @@ def adamerge(
     if "base" in experts:
         raise ValueError("'base' is reserved for the base model; rename that expert")
     t0 = time.perf_counter()
-    model, tok = load_causal_lm(base, device)
+    model, tok, loaded = load_models(base, experts, device)
     theta0 = {n: p.detach() for n, p in model.named_parameters()}
-    loaded = {e: dict(load_causal_lm(path, device)[0].named_parameters()) for e, path in
-              experts.items()}
     tv = task_vectors(
         theta0, loaded, num_layers=model.config.num_hidden_layers,
         layer_wise=cfg.granularity == "layer", ties=cfg.ties, density=cfg.density,
@@ -279,7 +285,7 @@ def adamerge(
                 model, b_ids, b_mask, forward=forward_with(model, params)
             )
             loss = total / count
-        record = {"step": float(step + 1), "entropy": float(loss)}
+        record = {"step": float(step + 1), "entropy": loss.item()}
         if labeled and (step % eval_every == 0 or step == cfg.steps - 1):
             record["val_tf_match"] = teacher_forced_match(model, params, tok, labeled)
         opt.zero_grad()

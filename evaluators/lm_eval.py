@@ -1,0 +1,137 @@
+"""Any lm-evaluation-harness task, run on the in-memory model.
+
+Built for a search loop: the task manager and the task dict are built once per evaluator (local
+tasks from ``include_path`` are indexed alone, in well under a second; lm-eval's ~14k built-in
+tasks are indexed, ~14 s, only when a name is not found locally), and one ``HFLM`` wraps the
+model for as long as the same model object is passed in. Loading new weights into that model is
+enough: every call runs the harness again on its current weights.
+
+The config's ``split`` (``validation`` by default) becomes each task's evaluation split; the
+held-out pass (``split="test"``) runs ``held_out_tasks`` on their own default split if given,
+else the same tasks on the test split. Metrics: ``lm_eval/<task>/<metric>`` for every numeric
+metric (filters other than ``none`` add ``/<filter>``); standard errors are not computed.
+
+Set ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` for local tasks, so nothing reaches the network.
+
+>>> from evomerge.config import LmEvalConfig
+>>> cfg = LmEvalConfig(name="lm_eval", tasks=("toy_reverse",), include_path="toy_suite/tasks")
+>>> LmEvalEvaluator(cfg).evaluate(model, tokenizer)  # doctest: +SKIP
+{'lm_eval/toy_reverse/exact_match': 0.93}
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default, so few-shot prompts match the CLI
+
+
+def task_manager(names: Sequence[str], include_path: str | None) -> Any:
+    """A ``TaskManager`` that knows every name; an unknown name lists close matches."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        if not Path(include_path).exists():
+            raise FileNotFoundError(f"lm_eval include_path {include_path!r} does not exist")
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    tm = TaskManager(include_path=include_path)
+    for name in names:
+        if name not in tm.all_tasks:
+            close = difflib.get_close_matches(name, tm.all_tasks, n=5, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            where = f" in {include_path!r} or" if include_path else ""
+            raise ValueError(
+                f"unknown lm_eval task {name!r}: not found{where} among lm-eval's built-in tasks."
+                f"{hint} List them with `lm-eval ls tasks`"
+            )
+    return tm
+
+
+def load_task_dict(
+    names: Sequence[str], include_path: str | None, *, split: str | None, num_fewshot: int | None
+) -> Any:
+    """Load the tasks once, with their evaluation split and few-shot count set."""
+    loaded = task_manager(names, include_path).load(list(names))
+    for task_name, task in loaded["tasks"].items():
+        if split is not None:
+            available = list(getattr(task, "dataset", None) or [])
+            if split not in available:
+                raise ValueError(
+                    f"lm_eval task {task_name!r} has no split {split!r} (it has {available}); "
+                    "set the evaluator's 'split' to one of them"
+                )
+            task.set_config(key="test_split", value=split)
+        default = task.get_config("num_fewshot")
+        if num_fewshot is not None and default != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif default is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+    return loaded
+
+
+def numeric_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """``lm_eval/<task>/<metric>[/<filter>]`` for each finite numeric result; stderr dropped."""
+    out: dict[str, float] = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, comma, filt = key.partition(",")
+            if not comma or metric.endswith("_stderr") or isinstance(value, bool):
+                continue  # "alias", "sample_len" and standard errors are not metrics
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                suffix = "" if filt in ("", "none") else f"/{filt}"
+                out[f"lm_eval/{task}/{metric}{suffix}"] = float(value)
+    return out
+
+
+class LmEvalEvaluator:
+    """``evaluate(model, tokenizer) -> {"lm_eval/<task>/<metric>": value}``."""
+
+    name = "lm_eval"
+
+    def __init__(self, cfg: Any, *, split: str | None = None) -> None:
+        self.cfg = cfg
+        held_out = split is not None and split != cfg.split and bool(cfg.held_out_tasks)
+        self.tasks = tuple(cfg.held_out_tasks if held_out else cfg.tasks)
+        self.split = None if held_out else (split or cfg.split)
+        self.task_dict = load_task_dict(
+            self.tasks, cfg.include_path, split=self.split, num_fewshot=cfg.num_fewshot
+        )
+        self.num_examples = max(len(t.eval_docs) for t in self.task_dict["tasks"].values())
+        self._lm: Any = None
+        self._tokenizer: Any = None
+
+    def _wrap(self, model: Any, tokenizer: Any) -> Any:
+        lm = self._lm
+        if lm is None or lm.model is not model or self._tokenizer is not tokenizer:
+            from lm_eval.models.huggingface import HFLM
+
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size)
+            self._lm, self._tokenizer = lm, tokenizer
+        return lm
+
+    def evaluate(
+        self, model: Any, tokenizer: Any, *, limit: int | None = None
+    ) -> dict[str, float]:
+        """Run the tasks on the model's current weights (first ``limit`` docs of each task)."""
+        from lm_eval.evaluator import evaluate
+
+        caps = [n for n in (limit, self.cfg.limit) if n is not None]
+        if any(n < 1 for n in caps):
+            raise ValueError(f"limit must be >= 1, got {min(caps)}")
+        results = evaluate(
+            lm=self._wrap(model, tokenizer),
+            task_dict=self.task_dict,
+            limit=min(caps) if caps else None,
+            bootstrap_iters=0,
+            log_samples=False,
+        )
+        if results is None:
+            raise RuntimeError("lm_eval returned no results (not rank 0 of a distributed run)")
+        return numeric_metrics(results)
