@@ -49,6 +49,19 @@ def _parser() -> argparse.ArgumentParser:
             r.add_argument("--csv", type=Path, help="also write the table as CSV")
             r.add_argument("--parquet", type=Path, help="also write the table as parquet")
 
+    ex = sub.add_parser("export", help="export trials as mergekit YAML, HF folder or recipe")
+    ex.add_argument("run", type=Path, help="run folder (or the job YAML)")
+    ex.add_argument("out", type=Path, help="output file (mergekit, recipe) or folder (hf)")
+    pick = ex.add_mutually_exclusive_group()
+    pick.add_argument("--trial", type=int, help="export this trial number")
+    pick.add_argument("--best", action="store_true", help="export the best trial (default)")
+    pick.add_argument("--pareto", action="store_true",
+                      help="export every Pareto-optimal trial into OUT/ with an index.csv")
+    ex.add_argument("--format", dest="fmt", choices=["mergekit", "hf", "recipe"],
+                    default="mergekit")
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    ex.add_argument("--storage", help="Optuna storage URL if not the run's journal")
+
     ad = sub.add_parser("adamerge", help="AdaMerging: learn coefficients by entropy descent")
     ad.add_argument("job", type=Path)
     ad.add_argument("--out", type=Path, help="write the learned recipe YAML here")
@@ -142,6 +155,16 @@ def _best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from evomerge.export import export_run
+
+    paths = export_run(args.run, args.out, args.fmt, trial=args.trial, best=args.best,
+                       pareto=args.pareto, force=args.force, storage_url=args.storage)
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _adamerge(args: argparse.Namespace) -> int:
     from evomerge.adamerging import run_adamerging
     from evomerge.config import load_job
@@ -156,5 +179,5 @@ def _adamerge(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "toy": _toy, "merge": _merge, "search": _search, "validate": _validate,
-    "results": _results, "best": _best, "adamerge": _adamerge,
+    "results": _results, "best": _best, "adamerge": _adamerge, "export": _export,
 }

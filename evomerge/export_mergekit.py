@@ -1,0 +1,279 @@
+"""A Recipe as a mergekit 0.1.5 configuration that reproduces evomerge's merged weights.
+
+mergekit reads a list value as a gradient over the layers (``t = i / (n - 1)``), so a per-group
+tuple is written as exactly ``num_hidden_layers`` values, one per layer; embeddings, the final
+norm and ``lm_head`` read the first element, as evomerge's ``non_layer: first`` does. A module-kind
+mapping becomes ``{filter, value}`` entries (first match wins, ``default`` last, without a
+filter). ``non_layer: base`` prepends one filter per tensor outside the decoder layers (its full
+name) that sets the models' ``weight`` to 0 (task-arithmetic family), slerp's ``t`` to 0, or, for
+``linear``, the base's weight to 1 and the others' to 0, so those tensors equal the base exactly.
+
+Every key written is one mergekit uses for the method: ``weight`` and ``t`` (required there) are
+always written, and so are the method's flags (``normalize``, ``rescale``), so the file does not
+depend on mergekit's defaults.
+
+>>> from evomerge.recipe import Recipe
+>>> r = Recipe(method="task_arithmetic", sources={"base": "b", "x": "x"}, base_model="base",
+...            models={"x": {"weight": (0.2, 0.4)}})
+>>> mergekit_config(r, num_layers=4)["models"]
+[{'model': 'x', 'parameters': {'weight': [0.2, 0.2, 0.4, 0.4]}}]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.coefficients import layer_index, per_layer
+from evomerge.merge import DARE, plan_merge
+from evomerge.methods_spec import METHODS
+from evomerge.recipe import Recipe
+
+REQUIRED = ("weight", "t")  # mergekit has no default for these
+DARE_NOTE = (
+    "DARE drops task-vector entries at random. evomerge seeds each mask from (recipe seed, "
+    "tensor, model); mergekit draws its own masks and cannot take that seed, so this config "
+    "reproduces the method and every parameter but not the same dropped entries: the weights "
+    "differ entry by entry (each task vector keeps the same L1 norm when rescale is on)."
+)
+
+
+def mergekit_config(
+    recipe: Recipe, *, num_layers: int, tensor_names: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """The mergekit config dict for ``recipe`` on models with ``num_layers`` decoder layers.
+
+    ``tensor_names`` (the base model's) are needed for ``non_layer: base`` only.
+    """
+    if recipe.dfs is not None:
+        raise ValueError(
+            "this recipe is a data-flow (DFS) path; mergekit export covers parameter-space "
+            "recipes only. Export it with --format hf or --format recipe"
+        )
+    plan = plan_merge(recipe, available=list(recipe.sources))
+    base_filters = _base_filters(recipe, tensor_names)
+    ctx = _Ctx(recipe, num_layers)
+    config: dict[str, Any] = {"merge_method": recipe.method}
+    if plan.spec.needs_base:
+        config["base_model"] = _ref(recipe, plan.base)
+    config["models"] = _models(ctx, plan.models, plan.base, base_filters)
+    config["parameters"] = _globals(ctx, base_filters)
+    config["dtype"] = recipe.dtype or "float32"
+    return config
+
+
+def mergekit_yaml(recipe: Recipe, *, num_layers: int, tensor_names: Iterable[str] | None = None,
+                  header: Sequence[str] = ()) -> str:
+    """:func:`mergekit_config` as YAML text, with ``header`` lines (and the DARE caveat) as
+    comments on top."""
+    config = mergekit_config(recipe, num_layers=num_layers, tensor_names=tensor_names)
+    lines = list(header)
+    if recipe.method in DARE:
+        lines += ["", "NOTE: " + DARE_NOTE]
+    comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in _wrap(lines))
+    return comment + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=99)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists of numbers in flow style (``[0.1, 0.2]``), as mergekit writes them."""
+
+    def represent_list(self, data: Any) -> yaml.SequenceNode:
+        flow = all(isinstance(v, (int, float)) for v in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+
+
+class _Ctx:
+    def __init__(self, recipe: Recipe, num_layers: int) -> None:
+        self.recipe, self.num_layers = recipe, num_layers
+        self.spec = METHODS[recipe.method]
+
+    def conds(self, key: str, value: Any) -> list[dict[str, Any]]:
+        """``value`` as mergekit ``{filter, value}`` entries (no filter = catch-all)."""
+        if not isinstance(value, Mapping):
+            return [{"value": self.plain(key, value)}]
+        conds = [{"filter": k, "value": self.plain(key, v)}
+                 for k, v in value.items() if k != "default"]
+        if "default" in value:
+            conds.append({"value": self.plain(key, value["default"])})
+        return conds
+
+    def plain(self, key: str, value: Any) -> Any:
+        if not isinstance(value, (tuple, list)):
+            return value
+        values = list(per_layer(tuple(value), self.num_layers))
+        if all(v == values[0] for v in values):
+            return _flag(key, values[0]) if key in self.spec.flags else values[0]
+        if key in self.spec.flags:
+            # mergekit picks list entries of non-numbers by int(t * (n - 1)), which float
+            # rounding can put one layer off; a per-layer flag cannot be written exactly.
+            raise ValueError(f"flag {key!r} varies over layers ({value}); mergekit cannot read "
+                             "a per-layer flag exactly. Use one value for it")
+        return values
+
+
+def _models(ctx: _Ctx, models: Sequence[str], base: str | None,
+            base_filters: list[str]) -> list[dict[str, Any]]:
+    recipe = ctx.recipe
+    linear = recipe.method == "linear"
+    out = []
+    for name in models:
+        params = recipe.models.get(name, {})
+        keys = dict.fromkeys([*params, *(k for k in REQUIRED if k in ctx.spec.model_params)])
+        entry: dict[str, Any] = {}
+        for key in keys:
+            conds = ctx.conds(key, params[key]) if key in params else []
+            if key == "weight" and base_filters:
+                keep = 1.0 if (linear and name == base) else 0.0
+                conds = [{"filter": f, "value": keep} for f in base_filters] + conds
+            if key in REQUIRED and not _catch_all(conds) and not _global_catch_all(ctx, key):
+                conds.append({"value": ctx.spec.param_default(key)})
+            entry[key] = _setting(conds)
+        out.append({"model": _ref(recipe, name), "parameters": entry})
+    if linear and base_filters and base not in models:
+        assert base is not None  # plan_merge refuses non_layer: base without a base
+        weight = [{"filter": f, "value": 1.0} for f in base_filters] + [{"value": 0.0}]
+        out.append({"model": _ref(recipe, base), "parameters": {"weight": weight}})
+    return out
+
+
+def _globals(ctx: _Ctx, base_filters: list[str]) -> dict[str, Any]:
+    """Global parameters: the recipe's, every flag (explicit), and slerp's ``t``."""
+    recipe, spec = ctx.recipe, ctx.spec
+    required = [k for k in spec.global_params if k in REQUIRED]
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys([*recipe.parameters, *spec.flags, *required]):
+        conds = ctx.conds(key, recipe.parameters[key]) if key in recipe.parameters else []
+        if key == "t" and base_filters:
+            conds = [{"filter": f, "value": 0.0} for f in base_filters] + conds
+        if not _catch_all(conds) and (key in spec.flags or key in REQUIRED):
+            conds.append({"value": spec.param_default(key)})
+        if key in spec.flags:
+            conds = [{**c, "value": _flag(key, c["value"])} for c in conds]
+        out[key] = _setting(conds)
+    return out
+
+
+def _global_catch_all(ctx: _Ctx, key: str) -> bool:
+    value = ctx.recipe.parameters.get(key)
+    return value is not None and (not isinstance(value, Mapping) or "default" in value)
+
+
+def _catch_all(conds: list[dict[str, Any]]) -> bool:
+    return any("filter" not in c for c in conds)
+
+
+def _setting(conds: list[dict[str, Any]]) -> Any:
+    """A single catch-all is written as its plain value; anything else as a filter list."""
+    if len(conds) == 1 and "filter" not in conds[0]:
+        return conds[0]["value"]
+    return conds
+
+
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"flag {key!r} must be true or false, got {value!r}")
+
+
+def _base_filters(recipe: Recipe, tensor_names: Iterable[str] | None) -> list[str]:
+    """Full names of the tensors outside the decoder layers (``non_layer: base`` only)."""
+    if recipe.non_layer != "base":
+        return []
+    if tensor_names is None:
+        raise ValueError("non_layer: base needs the base model's tensor names to write filters")
+    names = list(tensor_names)
+    outside = [n for n in names if layer_index(n) is None]
+    for n in outside:
+        clash = [m for m in names if m != n and n in m]
+        if clash:
+            raise ValueError(
+                f"cannot export non_layer: base to mergekit: tensor name {n!r} is part of "
+                f"{clash[0]!r}, so a mergekit filter cannot select it alone. Use non_layer: "
+                "first, or export with --format hf"
+            )
+    return outside
+
+
+def _ref(recipe: Recipe, name: str | None) -> str:
+    """A source as mergekit reads it: an existing local folder as an absolute path."""
+    assert name is not None
+    source = recipe.sources[name]
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _wrap(lines: Sequence[str], width: int = 96) -> list[str]:
+    import textwrap
+
+    out: list[str] = []
+    for line in lines:
+        out.extend(textwrap.wrap(line, width) or [""])
+    return out
+
+
+# -- reading the base model's shape ------------------------------------------------------------
+def source_folder(recipe: Recipe) -> str:
+    """The folder (or hub id) whose config and tensor names describe the merged model."""
+    plan = plan_merge(recipe, available=list(recipe.sources))
+    return recipe.sources[plan.base or plan.models[0]]
+
+
+def num_hidden_layers(source: str) -> int:
+    """``num_hidden_layers`` (or ``n_layer``/``num_layers``) from a model's config."""
+    from transformers import AutoConfig
+
+    from evomerge.loading import locate
+
+    location, revision, _ = locate("base", source)
+    try:
+        config = AutoConfig.from_pretrained(location, revision=revision)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read the config of {source!r}: {err}") from err
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(text, key, None) is not None:
+            return int(getattr(text, key))
+    raise ValueError(f"{source!r}: its config has no num_hidden_layers; cannot expand per-layer "
+                     "values for mergekit")
+
+
+def tensor_names(source: str) -> list[str]:
+    """Tensor names in a local model folder's safetensors files (headers only)."""
+    from evomerge.loading import locate
+
+    location, _, local = locate("base", source)
+    if not local:
+        raise ValueError(
+            f"non_layer: base export needs the tensor names of {source!r}; download the model "
+            "and point the recipe's source at the local folder"
+        )
+    folder = Path(location)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names.extend(f.keys())
+    if not names:
+        raise FileNotFoundError(f"no *.safetensors weights in {str(folder)!r}")
+    return names
+
+
+def export_mergekit_yaml(recipe: Recipe, *, header: Sequence[str] = ()) -> str:
+    """:func:`mergekit_yaml` with the layer count and tensor names read from the base model."""
+    source = source_folder(recipe)
+    names = tensor_names(source) if recipe.non_layer == "base" else None
+    return mergekit_yaml(recipe, num_layers=num_hidden_layers(source), tensor_names=names,
+                         header=header)

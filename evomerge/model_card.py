@@ -1,0 +1,136 @@
+"""The README.md model card of an exported Hugging Face folder.
+
+It records what a reader needs to trust and reproduce the model: the source models, the method,
+the recipe (and the equivalent mergekit config when there is one), the trial's scores and
+held-out scores, the study, the evomerge version and the date.
+
+>>> from evomerge.recipe import Recipe
+>>> r = Recipe(method="linear", sources={"a": "org/a", "b": "org/b"},
+...            models={"a": {"weight": 0.5}, "b": {"weight": 0.5}})
+>>> "| a | merged | `org/a` |" in model_card(r, title="demo")
+True
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge import __version__
+from evomerge.export_mergekit import DARE_NOTE
+from evomerge.merge import DARE
+from evomerge.recipe import Recipe
+
+RECIPE_FILE = "evomerge_recipe.yaml"
+
+
+def model_card(
+    recipe: Recipe,
+    *,
+    title: str,
+    metrics: Mapping[str, Any] | None = None,
+    held_out: Mapping[str, Any] | None = None,
+    study_name: str | None = None,
+    trial: int | None = None,
+    mergekit_yaml: str | None = None,
+    mergekit_error: str | None = None,
+    date: dt.datetime | None = None,
+) -> str:
+    """The Markdown card (with Hugging Face YAML front matter) for ``recipe``'s merged model."""
+    date = date or dt.datetime.now(dt.timezone.utc)
+    parts = [
+        _front_matter(recipe),
+        f"# {title}\n",
+        f"A merge of {len(recipe.sources)} models made with "
+        f"evomerge {__version__} on "
+        f"{date:%Y-%m-%d %H:%M} UTC, method `{recipe.method}`.\n",
+        _origin(study_name, trial),
+        "## Source models\n",
+        _sources(recipe),
+        "## Method\n",
+        _method(recipe),
+        _scores("Scores", "the metrics the search measured for this recipe", metrics),
+        _scores("Held-out scores", "re-measured after the search on the held-out split",
+                held_out),
+        "## Recipe\n",
+        f"Re-create these weights with `evomerge merge {RECIPE_FILE} OUT/` "
+        f"(the file is in this folder):\n",
+        f"```yaml\n{recipe.to_yaml()}```\n",
+        _mergekit(mergekit_yaml, mergekit_error),
+        "## Use\n",
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("PATH")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")\n```\n',
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _front_matter(recipe: Recipe) -> str:
+    meta: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "evomerge"]}
+    hub = [s for s in recipe.sources.values() if not Path(s).expanduser().exists()]
+    if hub:
+        meta["base_model"] = hub
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
+
+
+def _origin(study_name: str | None, trial: int | None) -> str:
+    if study_name is None and trial is None:
+        return "Exported directly from a recipe (no search study).\n"
+    where = f"study `{study_name}`" if study_name else "a study"
+    which = f"trial {trial} of " if trial is not None else ""
+    return f"The recipe is {which}{where}.\n"
+
+
+def _sources(recipe: Recipe) -> str:
+    rows = ["| name | role | source |", "|---|---|---|"]
+    for name, source in recipe.sources.items():
+        if name == recipe.base_model:
+            role = "base"
+        elif name in recipe.models:
+            role = "merged"
+        else:
+            role = "unused"
+        rows.append(f"| {name} | {role} | `{source}` |")
+    return "\n".join(rows) + "\n"
+
+
+def _method(recipe: Recipe) -> str:
+    lines = [f"- method: `{recipe.method}`"]
+    if recipe.base_model:
+        lines.append(f"- base model: `{recipe.base_model}`")
+    rule = ("the base model's" if recipe.non_layer == "base"
+            else "the first layer group's coefficients")
+    lines.append(f"- embeddings, final norm and head: {rule}")
+    lines.append(f"- dtype: `{recipe.dtype or 'float32'}`")
+    if recipe.method in DARE:
+        lines.append(f"- DARE seed: {recipe.seed}")
+        lines.append(f"\n{DARE_NOTE}")
+    return "\n".join(lines) + "\n"
+
+
+def _scores(heading: str, what: str, values: Mapping[str, Any] | None) -> str:
+    if not values:
+        return ""
+    rows = [f"## {heading}\n", f"{what.capitalize()}:\n", "| metric | value |", "|---|---|"]
+    rows += [f"| {k} | {_fmt(v)} |" for k, v in values.items()]
+    return "\n".join(rows) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _mergekit(text: str | None, error: str | None) -> str:
+    if text:
+        return ("## mergekit\n\nThe same merge as a mergekit config (`mergekit-yaml config.yaml "
+                f"OUT/`):\n\n```yaml\n{text}```\n")
+    if error:
+        return f"## mergekit\n\nNo mergekit config: {error}\n"
+    return ""
