@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-Kth = Callable[[int], Tensor]
-"""``kth(r)``: the ``r``-th largest magnitude (0-based) of one task vector, as a 0-d tensor."""
+Kth = Callable[[Tensor, int], Tensor]
+"""``kth(magnitudes, r)``: the ``r``-th largest (0-based) of one task vector's flattened float32
+magnitudes, as a 0-d tensor."""
 
 RESCALE_EPS = 1e-7
 SPARSIFIER = {
@@ -46,32 +48,47 @@ CONSENSUS = frozenset({"ties", "dare_ties"})
 def sorted_kth(abs_delta: Tensor) -> Kth:
     """A :data:`Kth` from a full sort (the reference; the Workspace uses a lookup table)."""
     values = torch.sort(abs_delta.reshape(-1).float(), descending=True).values
-    return lambda r: values[r]
+    return lambda _magnitudes, r: values[r]
 
 
-def magnitude_table(abs_delta: Tensor, size: int = 1024) -> tuple[Tensor, int]:
-    """Every ``step``-th value of the magnitudes sorted in descending order (about ``size``).
+class MagnitudeTable(NamedTuple):
+    """Every ``step``-th magnitude in descending order, and how many magnitudes exceed each
+    (not needed, so None, when ``step`` is 1)."""
 
-    Built once per task vector; :func:`table_kth` then finds any rank's value from it.
-    """
-    flat = abs_delta.reshape(-1).float()
-    step = max(1, -(-flat.numel() // size))
-    return torch.sort(flat, descending=True).values[::step].clone(), step
+    values: Tensor
+    above: Tensor | None
+    step: int
 
 
-def table_kth(abs_flat: Tensor, table: Tensor, step: int, r: int) -> Tensor:
+def magnitude_table(abs_delta: Tensor, size: int = 1024) -> MagnitudeTable:
+    """Built once per task vector (about ``size`` entries; ``size >= n`` keeps them all);
+    :func:`table_kth` then finds the magnitude of any rank from it."""
+    ordered = torch.sort(abs_delta.reshape(-1).float(), descending=True).values
+    step = max(1, -(-ordered.numel() // size))
+    if step == 1:
+        return MagnitudeTable(ordered, None, 1)
+    values = ordered[::step].clone()
+    above = ordered.numel() - torch.searchsorted(ordered.flip(0), values, right=True)
+    return MagnitudeTable(values, above, step)
+
+
+def table_kth(abs_flat: Tensor, table: MagnitudeTable, r: int) -> Tensor:
     """The ``r``-th largest of ``abs_flat`` (0-based), exactly, from its :func:`magnitude_table`.
 
     A rank on the table is a lookup; otherwise only the entries between the two neighbouring
     table values (about ``n / size``) are ranked.
     """
-    j, offset = divmod(r, step)
-    hi = table[j]
+    j, offset = divmod(r, table.step)
+    hi = table.values[j]
     if offset == 0:
         return hi
-    lo = table[j + 1] if j + 1 < table.numel() else torch.zeros((), device=table.device)
-    between = abs_flat[(abs_flat <= hi) & (abs_flat >= lo)]
-    position = r - int((abs_flat > hi).sum())  # rank within `between`, descending
+    last = j + 1 == table.values.numel()
+    lo = torch.zeros((), device=hi.device) if last else table.values[j + 1]
+    keep = abs_flat <= hi
+    keep &= abs_flat >= lo
+    between = abs_flat[keep]
+    assert table.above is not None  # step > 1 here
+    position = r - int(table.above[j])  # rank within `between`, descending
     return torch.kthvalue(between, between.numel() - position).values
 
 
@@ -85,22 +102,22 @@ def trim_mask(
     ``int(density * n)``. None means keep everything (``density >= 1``). Entries tied with the
     threshold are all kept.
     """
-    n = abs_delta.numel()
+    n, flat = abs_delta.numel(), abs_delta.reshape(-1)
     if density >= 1:
         return None
     if method == "magnitude":
         if density <= 0 or n == 0:
             return torch.zeros_like(abs_delta, dtype=torch.bool)
-        return abs_delta >= kth(max(1, int(density * n)) - 1)
+        return abs_delta >= kth(flat, max(1, int(density * n)) - 1)
     if method != "outliers":
         raise ValueError(f"unknown trim method {method!r}; use 'magnitude' or 'outliers'")
     target = int(density * n)
     if target <= 0:
         return torch.zeros_like(abs_delta, dtype=torch.bool)
     top = min(int(gamma * n), n - target)
-    mask = abs_delta >= kth(top + target - 1)
+    mask = abs_delta >= kth(flat, top + target - 1)
     if top > 0:
-        mask &= abs_delta <= kth(top)
+        mask &= abs_delta <= kth(flat, top)
     return mask
 
 
@@ -112,17 +129,18 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator | None
     return noise < density
 
 
-def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool) -> Tensor:
+def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool, inplace=False) -> Tensor:
     """Zero the dropped entries; with ``rescale``, restore the original L1 norm (mergekit)."""
     if mask is None:
         return delta
-    out = delta * mask
-    if not rescale:
+    before = delta.abs().sum() if rescale else None
+    out = delta.mul_(mask) if inplace else delta * mask
+    if before is None:
         return out
-    before, after = delta.abs().sum(), out.abs().sum()
+    after = out.abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return out
-    return out * (before / after)
+    return out.mul_(before / after)
 
 
 def dare_generator(seed: int, tensor: str, model: str, device: str | torch.device = "cpu"):
@@ -150,13 +168,13 @@ def sparsify(
         if kind == "random":
             mask = random_mask(row, density[k], generators[k] if generators else None)
         elif kind is not None:
-            kth = kths[k] if kths is not None else sorted_kth(row.abs())
+            magnitudes = row.abs()
+            kth = kths[k] if kths is not None else sorted_kth(magnitudes)
             g = gamma[k] if gamma is not None else 0.0
-            mask = trim_mask(row.abs(), method=kind, density=density[k], gamma=g, kth=kth)
+            mask = trim_mask(magnitudes, method=kind, density=density[k], gamma=g, kth=kth)
         else:
             mask = None
-        if mask is not None:
-            deltas[k] = apply_mask(row, mask, rescale=rescale)
+        apply_mask(row, mask, rescale=rescale, inplace=True)
     return deltas
 
 
@@ -181,15 +199,17 @@ def combine(
     w = w.reshape(-1, *([1] * (deltas.dim() - 1)))
     deltas.mul_(w)
     if consensus:
-        majority = (deltas.sum(dim=0) >= 0).float() * 2 - 1
-        mask = deltas.sign() == majority
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        # mergekit sums the entries whose sign equals the majority sign; the same sum, without
+        # bool masks (slow on CPU): |delta| where signs agree, else 0, summed, times the sign.
+        majority = (deltas.sum(dim=0) >= 0).float().mul_(2).sub_(1)
+        agree = deltas.mul_(majority).relu_()
+        mixed = agree.sum(dim=0).mul_(majority)
+        divisor = (w * agree.sign_()).sum(dim=0)
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         mixed = deltas.sum(dim=0)
         divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     if normalize:
         mixed /= divisor
     if lambda_ != 1:

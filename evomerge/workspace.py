@@ -37,11 +37,15 @@ DEFAULT_LOAD = LoadConfig.model_validate({})
 
 
 class Workspace:
-    """Sources loaded once; :meth:`apply` writes a recipe's merged weights into :attr:`model`."""
+    """Sources loaded once; :meth:`apply` writes a recipe's merged weights into :attr:`model`.
+
+    ``table_bytes`` caps the memory of the trimming tables (TIES, breadcrumbs): within it every
+    sorted magnitude is kept, beyond it a quantile table per task vector.
+    """
 
     def __init__(
         self, sources: Mapping[str, str], base_model: str | None = None, *,
-        load: LoadConfig = DEFAULT_LOAD,
+        load: LoadConfig = DEFAULT_LOAD, table_bytes: int = 1 << 30,
     ) -> None:
         if not sources:
             raise ValueError("sources is empty; give at least one model")
@@ -64,7 +68,11 @@ class Workspace:
         }
         for name in others:
             self._load_delta(name)
-        self._tables: dict[tuple[str, int], tuple[Tensor, int]] = {}
+        self._tables: dict[tuple[str, int], mm.MagnitudeTable] = {}
+        # Whole sorted magnitudes (a threshold is a pure lookup) when they fit in table_bytes;
+        # else ~1024 quantiles per task vector, refined exactly at each use.
+        elements = sum(d.numel() for d in self._deltas.values())
+        self._table_size = None if elements * 4 <= table_bytes else 1024
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, load: LoadConfig | None = None) -> Workspace:
@@ -146,13 +154,13 @@ class Workspace:
 
     def _kth(self, model: str, name: str) -> mm.Kth:
         if model == self.anchor:
-            return lambda r: torch.zeros((), device=self._base[name].device)
+            return lambda _magnitudes, r: torch.zeros((), device=self._base[name].device)
         key = (name, self._row[model])
-        delta = self._deltas[name][key[1]]
         if key not in self._tables:
-            self._tables[key] = mm.magnitude_table(delta.abs())
-        table, step = self._tables[key]
-        return lambda r: mm.table_kth(delta.reshape(-1).float().abs(), table, step, r)
+            delta = self._deltas[name][key[1]]
+            self._tables[key] = mm.magnitude_table(delta.abs(), self._table_size or delta.numel())
+        table = self._tables[key]
+        return lambda magnitudes, r: mm.table_kth(magnitudes, table, r)
 
 
 def _num_layers(config: Any) -> int:

@@ -74,6 +74,21 @@ def test_in_place_merge_equals_pure_merge(name, non_layer, workspace, sources, s
         assert torch.equal(live["lm_head.weight"], state_dicts["base"]["lm_head.weight"])
 
 
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs"])
+def test_quantile_tables_give_the_same_trim(name, sources, state_dicts, quantile_workspace):
+    """With no memory for whole sorted magnitudes, thresholds come from quantile tables."""
+    assert quantile_workspace._table_size == 1024
+    recipe = make(name, sources)
+    live = snapshot(quantile_workspace.apply(recipe))
+    pure = merge_state_dicts(recipe, state_dicts, num_layers=4)
+    assert all(torch.equal(live[k], v) for k, v in pure.items())
+
+
+@pytest.fixture(scope="module")
+def quantile_workspace(sources) -> Workspace:
+    return Workspace(sources, "base", table_bytes=0)
+
+
 def test_apply_x_y_x_gives_x_exactly(workspace, sources):
     x, y = make("ties", sources), make("dare_ties", sources)
     first = snapshot(workspace.apply(x))
