@@ -4,10 +4,12 @@ The base model (or the first source when there is none) is the *anchor*: the Wor
 copy of its weights and, per tensor, the stacked task vectors ``theta_k - anchor`` of the other
 sources, on ``load.device`` in the model's dtype. :meth:`Workspace.apply` merges from those (never
 from the live weights, so applying X, then Y, then X gives X's weights exactly) and writes the
-result into ``Workspace.model``; nothing touches disk. Trimming thresholds come from per-tensor
-magnitude tables built once (:func:`evomerge.merge_methods.magnitude_table`), and DARE masks from
-generators seeded by (recipe seed, tensor name, model name), so a recipe is reproducible bit for
-bit on a given device.
+result into ``Workspace.model``; nothing touches disk. Trimming thresholds (TIES, breadcrumbs) come
+from magnitude tables built once per task vector on first use
+(:func:`evomerge.merge_methods.magnitude_table`): all sorted magnitudes while they fit in
+``table_bytes`` (a threshold is then a lookup), else a quantile table refined exactly. DARE masks
+come from generators seeded by (recipe seed, tensor name, model name), so a recipe is
+reproducible bit for bit on a given device.
 
 >>> ws = Workspace({"base": "models/base", "a": "models/a"}, "base")  # doctest: +SKIP
 >>> model = ws.apply(recipe)                                         # doctest: +SKIP
