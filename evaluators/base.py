@@ -17,8 +17,9 @@ class Evaluator(Protocol):
 
     name: str
 
-    def evaluate(self, model: Any, tokenizer: Any, *, limit: int | None = None) -> dict[str, float]:
-        ...
+    def evaluate(
+        self, model: Any, tokenizer: Any, *, limit: int | None = None
+    ) -> dict[str, float]: ...
 
 
 def resolve_data(data: str, split: str) -> Path:
@@ -49,10 +50,14 @@ def read_jsonl(path: str | Path, *, required: tuple[str, ...] = ()) -> list[dict
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+                )
             missing = [k for k in required if k not in row]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing key(s) {missing}; row has {sorted(row)}")
+                raise ValueError(
+                    f"{path}:{lineno}: missing key(s) {missing}; row has {sorted(row)}"
+                )
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: the dataset is empty")

@@ -55,10 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     pick = ex.add_mutually_exclusive_group()
     pick.add_argument("--trial", type=int, help="export this trial number")
     pick.add_argument("--best", action="store_true", help="export the best trial (default)")
-    pick.add_argument("--pareto", action="store_true",
-                      help="export every Pareto-optimal trial into OUT/ with an index.csv")
-    ex.add_argument("--format", dest="fmt", choices=["mergekit", "hf", "recipe"],
-                    default="mergekit")
+    pick.add_argument(
+        "--pareto",
+        action="store_true",
+        help="export every Pareto-optimal trial into OUT/ with an index.csv",
+    )
+    ex.add_argument(
+        "--format", dest="fmt", choices=["mergekit", "hf", "recipe"], default="mergekit"
+    )
     ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ex.add_argument("--storage", help="Optuna storage URL if not the run's journal")
 
@@ -93,8 +97,9 @@ def _merge(args: argparse.Namespace) -> int:
     if not args.recipe.is_file():
         raise FileNotFoundError(f"recipe {str(args.recipe)!r} does not exist")
     recipe = Recipe.from_yaml(args.recipe.read_text())
-    load = LoadConfig(device=args.device, allow_pickle=args.allow_pickle,
-                      dtype=recipe.dtype or "float32")
+    load = LoadConfig(
+        device=args.device, allow_pickle=args.allow_pickle, dtype=recipe.dtype or "float32"
+    )
     print(merge_to_folder(recipe, args.out, load=load))
     return 0
 
@@ -105,12 +110,18 @@ def _search(args: argparse.Namespace) -> int:
     from evomerge.results import best_trials
 
     job = load_job(args.job)
-    study = run_search(job, resume=args.resume, address=args.address, storage_url=args.storage,
-                       progress=not args.no_progress)
+    study = run_search(
+        job,
+        resume=args.resume,
+        address=args.address,
+        storage_url=args.storage,
+        progress=not args.no_progress,
+    )
     best = best_trials(study, job)
     print(f"done: {len(study.trials)} trials in {job.resolved_run_dir}")
     for t in best:
-        print(f"  trial {t.number}: {dict(zip([o.label for o in job.objectives], t.values))}")
+        values = dict(zip([o.label for o in job.objectives], t.values, strict=True))
+        print(f"  trial {t.number}: {values}")
     return 0
 
 
@@ -133,8 +144,9 @@ def _results(args: argparse.Namespace) -> int:
 
     study, job = open_run(args.run, storage_url=args.storage)
     df = results_frame(study, job)
-    with pd.option_context("display.max_rows", 500, "display.width", 200,
-                           "display.max_columns", 50):
+    with pd.option_context(
+        "display.max_rows", 500, "display.width", 200, "display.max_columns", 50
+    ):
         print(df.drop(columns=["error"], errors="ignore"))
     if args.csv:
         df.to_csv(args.csv)
@@ -149,7 +161,7 @@ def _best(args: argparse.Namespace) -> int:
 
     study, job = open_run(args.run, storage_url=args.storage)
     for t in best_trials(study, job):
-        values = dict(zip([o.label for o in job.objectives], t.values))
+        values = dict(zip([o.label for o in job.objectives], t.values, strict=True))
         print(f"# trial {t.number}: {values}")
         print(Recipe.from_dict(t.user_attrs["recipe"]).to_yaml())
     return 0
@@ -158,8 +170,16 @@ def _best(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from evomerge.export import export_run
 
-    paths = export_run(args.run, args.out, args.fmt, trial=args.trial, best=args.best,
-                       pareto=args.pareto, force=args.force, storage_url=args.storage)
+    paths = export_run(
+        args.run,
+        args.out,
+        args.fmt,
+        trial=args.trial,
+        best=args.best,
+        pareto=args.pareto,
+        force=args.force,
+        storage_url=args.storage,
+    )
     for path in paths:
         print(path)
     return 0
@@ -178,6 +198,12 @@ def _adamerge(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
-    "toy": _toy, "merge": _merge, "search": _search, "validate": _validate,
-    "results": _results, "best": _best, "adamerge": _adamerge, "export": _export,
+    "toy": _toy,
+    "merge": _merge,
+    "search": _search,
+    "validate": _validate,
+    "results": _results,
+    "best": _best,
+    "adamerge": _adamerge,
+    "export": _export,
 }

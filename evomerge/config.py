@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -140,9 +140,7 @@ class CostEvalConfig(Strict):
 
 
 EvaluatorConfig = Annotated[
-    Union[
-        EntropyEvalConfig, AccuracyEvalConfig, PerplexityEvalConfig, LmEvalConfig, CostEvalConfig
-    ],
+    EntropyEvalConfig | AccuracyEvalConfig | PerplexityEvalConfig | LmEvalConfig | CostEvalConfig,
     Field(discriminator="name"),
 ]
 
@@ -206,9 +204,7 @@ class DFSSpaceConfig(Strict):
     embed_from: str | None = None
 
 
-SearchSpaceConfig = Annotated[
-    Union[ParameterSpaceConfig, DFSSpaceConfig], Field(discriminator="name")
-]
+SearchSpaceConfig = Annotated[ParameterSpaceConfig | DFSSpaceConfig, Field(discriminator="name")]
 
 
 class CmaesConfig(Strict):
@@ -243,7 +239,7 @@ class GridConfig(Strict):
 
 
 SamplerConfig = Annotated[
-    Union[CmaesConfig, Nsga2Config, TpeConfig, RandomConfig, GridConfig],
+    CmaesConfig | Nsga2Config | TpeConfig | RandomConfig | GridConfig,
     Field(discriminator="name"),
 ]
 
@@ -374,8 +370,18 @@ def _is_union_tag(part: Any) -> bool:
 
 
 _UNION_TAGS = {
-    "entropy", "accuracy", "perplexity", "lm_eval", "cost", "parameter", "dfs",
-    "cmaes", "nsga2", "tpe", "random", "grid",
+    "entropy",
+    "accuracy",
+    "perplexity",
+    "lm_eval",
+    "cost",
+    "parameter",
+    "dfs",
+    "cmaes",
+    "nsga2",
+    "tpe",
+    "random",
+    "grid",
 }
 
 

@@ -44,8 +44,13 @@ def build_space(job: JobConfig) -> Any:
 
 
 def run_search(
-    job: JobConfig, *, resume: bool = False, address: str | None = None,
-    storage_url: str | None = None, progress: bool = True, worker_class: type | None = None,
+    job: JobConfig,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    storage_url: str | None = None,
+    progress: bool = True,
+    worker_class: type | None = None,
 ) -> optuna.Study:
     """Run (or resume) the job's search to its budget; return the study.
 
@@ -77,8 +82,9 @@ def run_search(
 class Loop:
     """The ask/tell loop over a :class:`WorkerPool`."""
 
-    def __init__(self, job: JobConfig, study: optuna.Study, space: Any, pool: WorkerPool,
-                 *, progress: bool) -> None:
+    def __init__(
+        self, job: JobConfig, study: optuna.Study, space: Any, pool: WorkerPool, *, progress: bool
+    ) -> None:
         self.job, self.study, self.space, self.pool = job, study, space, pool
         self.dists = space.distributions()
         fid = job.search.fidelity
@@ -89,7 +95,9 @@ class Loop:
         self.inflight: dict[Any, Candidate] = {}
         self.done = counted_trials(study)
         self.fail_streak = 0
-        self.progress = Progress(study, total=job.search.trials, initial=self.done, enabled=progress)
+        self.progress = Progress(
+            study, total=job.search.trials, initial=self.done, enabled=progress
+        )
 
     def run(self) -> None:
         try:
@@ -134,8 +142,9 @@ class Loop:
         if error is not None:
             return self._finish(cand, TrialState.FAIL, error=error, result=result)
         assert result is not None
-        cand.rungs.append({"fraction": self.fractions[cand.rung], "values": values,
-                           "metrics": result["metrics"]})
+        cand.rungs.append(
+            {"fraction": self.fractions[cand.rung], "values": values, "metrics": result["metrics"]}
+        )
         if cand.rung + 1 < len(self.fractions):
             if self._promote(cand, values):
                 cand.rung += 1
@@ -152,13 +161,26 @@ class Loop:
         seen.append(values)
         return keep
 
-    def _finish(self, cand: Candidate, state: TrialState, *, values: list[float] | None = None,
-                error: str | None = None, result: dict[str, Any] | None = None) -> None:
+    def _finish(
+        self,
+        cand: Candidate,
+        state: TrialState,
+        *,
+        values: list[float] | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
         t = cand.trial
         if result is not None:
             t.set_user_attr("metrics", result["metrics"])
-            t.set_user_attr("timing", {"merge_s": result["merge_s"], "eval_s": result["eval_s"],
-                                       "wall_s": time.time() - cand.started})
+            t.set_user_attr(
+                "timing",
+                {
+                    "merge_s": result["merge_s"],
+                    "eval_s": result["eval_s"],
+                    "wall_s": time.time() - cand.started,
+                },
+            )
         if len(cand.rungs) > 1 or state == TrialState.PRUNED:
             t.set_user_attr("rungs", cand.rungs)
         if error is not None:

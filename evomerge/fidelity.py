@@ -25,7 +25,9 @@ def dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[int]) -> b
 
 
 def promote_multi(
-    values: Sequence[float], seen: Sequence[Sequence[float]], signs: Sequence[int],
+    values: Sequence[float],
+    seen: Sequence[Sequence[float]],
+    signs: Sequence[int],
     reduction_factor: int,
 ) -> bool:
     """Promote when fewer than ``len(seen) / reduction_factor`` earlier results dominate it."""

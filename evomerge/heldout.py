@@ -37,7 +37,7 @@ def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, 
     if job.search.held_out_top_k == 0 or not any(has_held_out(e) for e in job.evaluators):
         return {}
     todo = [t for t in chosen_trials(job, study) if f"{PREFIX}{t.number}" not in study.user_attrs]
-    inflight: dict[Any, FrozenTrial] = {}
+    inflight: dict[Any, tuple[FrozenTrial, int]] = {}
     results: dict[int, dict[str, Any]] = {}
     while todo or inflight:
         while todo and pool.idle:
@@ -47,6 +47,7 @@ def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, 
             inflight[pool.submit_held_out(worker, recipe)] = (t, worker)
         _, (t, worker), result, error = pool.next_result(inflight)
         pool.idle.append(worker)
+
         entry = {"metrics": result["metrics"]} if result else {"error": error}
         study.set_user_attr(f"{PREFIX}{t.number}", entry)
         results[t.number] = entry
@@ -55,6 +56,5 @@ def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, 
 
 def stored_held_out(study: optuna.Study) -> dict[int, dict[str, Any]]:
     return {
-        int(k.removeprefix(PREFIX)): v for k, v in study.user_attrs.items()
-        if k.startswith(PREFIX)
+        int(k.removeprefix(PREFIX)): v for k, v in study.user_attrs.items() if k.startswith(PREFIX)
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from evomerge.config import JobConfig
@@ -16,8 +17,9 @@ class WorkerPool:
     string: a raised exception fails that trial; a dead actor is restarted by Ray.
     """
 
-    def __init__(self, job: JobConfig, *, address: str | None = None,
-                 worker_class: type | None = None) -> None:
+    def __init__(
+        self, job: JobConfig, *, address: str | None = None, worker_class: type | None = None
+    ) -> None:
         import ray
 
         from evomerge.worker import MergeWorker, worker_actor_class
@@ -26,8 +28,12 @@ class WorkerPool:
         self._own_ray = not ray.is_initialized()
         if self._own_ray:
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            ray.init(address=address or job.resources.address, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=address or job.resources.address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         cls = worker_actor_class(job, worker_class or MergeWorker)
         job_json = job.model_dump_json()
         self.actors = [
@@ -54,7 +60,11 @@ class WorkerPool:
         return self.actors[worker].evaluate_held_out.remote(recipe.to_json())
 
     def next_result(self, inflight: dict[Any, Any]) -> tuple[Any, Any, dict | None, str | None]:
-        """Pop the first finished call: (ref, its payload, result or None, error or None)."""
+        """Pop the first finished call: (ref, its payload, result or None, error or None).
+
+        A worker that died (or is restarting) fails its call; Ray restarts it, and we wait
+        until it answers again so the next call does not hit a restarting actor.
+        """
         import ray
 
         [ref], _ = ray.wait(list(inflight), num_returns=1)
@@ -62,9 +72,29 @@ class WorkerPool:
         try:
             return ref, payload, ray.get(ref), None
         except ray.exceptions.RayActorError as err:
+            self.wait_ready(self._worker_of(payload))
             return ref, payload, None, f"worker died: {_cause(err)}"
         except ray.exceptions.RayTaskError as err:
             return ref, payload, None, _cause(err)
+
+    @staticmethod
+    def _worker_of(payload: Any) -> int:
+        return int(payload.worker if hasattr(payload, "worker") else payload[1])
+
+    def wait_ready(self, worker: int, *, timeout_s: float = 600.0) -> None:
+        """Block until Ray has restarted ``worker`` (its ``__init__`` reloads the models)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self.actors[worker].ping.remote(), timeout=timeout_s)
+                return
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    msg = f"worker {worker} did not restart in {timeout_s:.0f} s"
+                    raise RuntimeError(msg) from None
+                time.sleep(0.5)
 
     def close(self) -> None:
         import ray

@@ -15,8 +15,14 @@ class Progress:
         self.start = time.time()
         self.initial = initial
         self.failed = 0
-        self.bar = tqdm(total=total, initial=initial, desc=study.study_name, unit="trial",
-                        disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=study.study_name,
+            unit="trial",
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
 
     def update(self, *, error: str | None = None) -> None:
         self.failed += error is not None

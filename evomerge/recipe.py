@@ -27,15 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LayerValues = tuple[float, ...]
-KindValue = Union[float, LayerValues]
-Value = Union[float, LayerValues, dict[str, KindValue]]
-ParamValue = Union[bool, int, float, LayerValues, dict[str, KindValue], str]
+KindValue = float | LayerValues
+Value = float | LayerValues | dict[str, KindValue]
+ParamValue = bool | int | float | LayerValues | dict[str, KindValue] | str
 
 MODULE_KINDS = ("self_attn", "mlp", "default")
 
@@ -110,7 +110,9 @@ class Recipe(BaseModel):
     def from_yaml(cls, text: str) -> Recipe:
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
-            raise ValueError("a recipe YAML must be a mapping with at least 'method' and 'sources'")
+            raise ValueError(
+                "a recipe YAML must be a mapping with at least 'method' and 'sources'"
+            )
         return cls.from_dict(data)
 
     @property

@@ -6,7 +6,13 @@ from evomerge.registry import Registry
 
 MERGE_METHODS = Registry("merge method")
 for _name in (
-    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "slerp"
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "slerp",
 ):
     MERGE_METHODS.register(_name, f"evomerge.merge_methods:{_name}")
 

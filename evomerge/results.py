@@ -5,6 +5,7 @@ Every metric of every trial is stored, so any front can be recomputed when readi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,11 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
     held = stored_held_out(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row: dict[str, Any] = {"trial": t.number, "state": t.state.name,
-                               "baseline": t.user_attrs.get("baseline", "")}
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": t.state.name,
+            "baseline": t.user_attrs.get("baseline", ""),
+        }
         for obj, v in zip(job.objectives, t.values or [None] * len(job.objectives), strict=True):
             row[f"objective:{obj.label}"] = v
         row.update(t.user_attrs.get("metrics", {}))
@@ -53,12 +57,13 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
 
 
-def pareto_front(trials: list[FrozenTrial], directions: list[str]) -> list[FrozenTrial]:
+def pareto_front(trials: list[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
     """Brute-force non-dominated filter over completed trials (independent of Optuna's)."""
     signs = [1 if d == "maximize" else -1 for d in directions]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     return [
-        t for t in done
+        t
+        for t in done
         if not any(dominates(o.values, t.values, signs) for o in done if o is not t)
     ]
 

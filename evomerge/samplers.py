@@ -13,16 +13,24 @@ from optuna.distributions import FloatDistribution
 from evomerge.config import CmaesConfig, GridConfig, Nsga2Config, RandomConfig, TpeConfig
 
 
-def make_cmaes(cfg: CmaesConfig, space: dict[str, FloatDistribution]) -> optuna.samplers.BaseSampler:
+def make_cmaes(
+    cfg: CmaesConfig, space: dict[str, FloatDistribution]
+) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():  # separable CMA is flagged experimental, and is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.CmaEsSampler(
-            sigma0=cfg.sigma0, popsize=cfg.popsize, use_separable_cma=cfg.separable,
-            seed=cfg.seed, n_startup_trials=0, warn_independent_sampling=False,
+            sigma0=cfg.sigma0,
+            popsize=cfg.popsize,
+            use_separable_cma=cfg.separable,
+            seed=cfg.seed,
+            n_startup_trials=0,
+            warn_independent_sampling=False,
         )
 
 
-def make_nsga2(cfg: Nsga2Config, space: dict[str, FloatDistribution]) -> optuna.samplers.BaseSampler:
+def make_nsga2(
+    cfg: Nsga2Config, space: dict[str, FloatDistribution]
+) -> optuna.samplers.BaseSampler:
     return optuna.samplers.NSGAIISampler(population_size=cfg.population_size, seed=cfg.seed)
 
 
@@ -34,7 +42,9 @@ def make_tpe(cfg: TpeConfig, space: dict[str, FloatDistribution]) -> optuna.samp
         )
 
 
-def make_random(cfg: RandomConfig, space: dict[str, FloatDistribution]) -> optuna.samplers.BaseSampler:
+def make_random(
+    cfg: RandomConfig, space: dict[str, FloatDistribution]
+) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
@@ -42,13 +52,16 @@ def make_grid(cfg: GridConfig, space: dict[str, FloatDistribution]) -> optuna.sa
     grid: dict[str, Any] = {}
     for name, d in space.items():
         pts = (
-            np.geomspace(d.low, d.high, cfg.points) if d.log else np.linspace(d.low, d.high, cfg.points)
+            np.geomspace(d.low, d.high, cfg.points)
+            if d.log
+            else np.linspace(d.low, d.high, cfg.points)
         )
         grid[name] = [float(x) for x in pts]
     size = math.prod(len(v) for v in grid.values())
     if size > 100_000:
         raise ValueError(
-            f"grid sampler: {cfg.points} points over {len(space)} parameters is {size} candidates; "
+            f"grid sampler: {cfg.points} points over {len(space)} parameters is {size} "
+            "candidates; "
             "lower search.sampler.points or search a smaller space (per_model: false, "
             "layer_groups: 1)"
         )

@@ -16,12 +16,15 @@ INTERRUPTED = "interrupted"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def directions(job: JobConfig) -> list[str]:
+def directions(job: JobConfig) -> list[Any]:
     return [o.direction for o in job.objectives]
 
 
 def open_study(
-    job: JobConfig, *, sampler: optuna.samplers.BaseSampler, resume: bool,
+    job: JobConfig,
+    *,
+    sampler: optuna.samplers.BaseSampler,
+    resume: bool,
     storage_url: str | None = None,
 ) -> optuna.Study:
     """Create the study, or load it with ``resume``; refuse to silently mix two runs."""
@@ -37,8 +40,12 @@ def open_study(
             )
     pruner = _pruner(job)
     study = optuna.create_study(
-        study_name=job.name, storage=storage, sampler=sampler, pruner=pruner,
-        directions=directions(job), load_if_exists=True,
+        study_name=job.name,
+        storage=storage,
+        sampler=sampler,
+        pruner=pruner,
+        directions=directions(job),
+        load_if_exists=True,
     )
     if exists:
         _check_same_directions(study, job)
@@ -85,7 +92,8 @@ def _carry(attrs: dict[str, Any]) -> dict[str, Any]:
 def counted_trials(study: optuna.Study) -> int:
     """Trials that count toward the budget: finished, and not failed by an interruption."""
     return sum(
-        1 for t in study.get_trials(deepcopy=False, states=COUNTED)
+        1
+        for t in study.get_trials(deepcopy=False, states=COUNTED)
         if not t.user_attrs.get(INTERRUPTED)
     )
 

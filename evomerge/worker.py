@@ -1,4 +1,4 @@
-"""The Ray worker: loads the models once (a Workspace), owns its evaluators, maps Recipe -> metrics.
+"""The Ray worker: loads the models once (a Workspace), owns its evaluators, Recipe -> metrics.
 
 Workers never talk to the study storage; the driver does. A Python exception in ``evaluate``
 reaches the driver as a ``RayTaskError`` (that trial fails, the actor lives on); a dead actor
@@ -52,8 +52,11 @@ class MergeWorker:
     def _build_held_out(self) -> list[Any]:
         from evomerge.evaluators.base import build_evaluator
 
-        return [build_evaluator(cfg, split=cfg.held_out_split)
-                for cfg in self.job.evaluators if has_held_out(cfg)]
+        return [
+            build_evaluator(cfg, split=getattr(cfg, "held_out_split", None))
+            for cfg in self.job.evaluators
+            if has_held_out(cfg)
+        ]
 
     def _run(self, recipe_json: str, evaluators: list[Any], fraction: float) -> dict[str, Any]:
         recipe = Recipe.from_json(recipe_json)
@@ -62,7 +65,9 @@ class MergeWorker:
         t1 = time.perf_counter()
         metrics: dict[str, float] = {}
         for ev in evaluators:
-            metrics.update(ev.evaluate(model, self.workspace.tokenizer, limit=_limit(ev, fraction)))
+            metrics.update(
+                ev.evaluate(model, self.workspace.tokenizer, limit=_limit(ev, fraction))
+            )
         t2 = time.perf_counter()
         return {"metrics": metrics, "merge_s": t1 - t0, "eval_s": t2 - t1, "pid": os.getpid()}
 

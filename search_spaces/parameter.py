@@ -45,7 +45,8 @@ class ParameterSpace:
             )
         self._model_params = dict(self.spec.model_params)
         self._global_params = {
-            k: v for k, v in self.spec.global_params.items()
+            k: v
+            for k, v in self.spec.global_params.items()
             if k in cfg.bounds or not self._model_params
         }
 
@@ -66,12 +67,14 @@ class ParameterSpace:
 
     def _slots(self) -> list[tuple[str, str, str | None, int, str]]:
         """(param, name, owner, group, kind) for every searched scalar."""
-        out = []
+        out: list[tuple[str, str, str | None, int, str]] = []
         for param in self._model_params:
             for owner in self._owners():
                 for g in range(self.cfg.layer_groups):
                     for kind in self._kinds():
-                        out.append((param, self._name(PREFIX[param], owner, g, kind), owner, g, kind))
+                        out.append(
+                            (param, self._name(PREFIX[param], owner, g, kind), owner, g, kind)
+                        )
         for param in self._global_params:
             for g in range(self.cfg.layer_groups):
                 for kind in self._kinds():
@@ -102,17 +105,23 @@ class ParameterSpace:
                 for e in self.experts if owner == "all" else [owner]:
                     models[e][param] = value
         return Recipe(
-            method=self.cfg.method, sources=self.sources, base_model=self.base,
-            models=models, parameters=parameters, non_layer=self.cfg.non_layer,
+            method=self.cfg.method,
+            sources=self.sources,
+            base_model=self.base,
+            models=models,
+            parameters=parameters,
+            non_layer=self.cfg.non_layer,
         )
 
     def encode(self, recipe: Recipe) -> dict[str, float]:
         """Inverse of :meth:`decode` for recipes of this space's shape."""
         out = {}
         for param, name, owner, g, kind in self._slots():
-            src = recipe.parameters if owner is None else recipe.models[
-                self.experts[0] if owner == "all" else owner
-            ]
+            src = (
+                recipe.parameters
+                if owner is None
+                else recipe.models[self.experts[0] if owner == "all" else owner]
+            )
             out[name] = _pick(src[param], g, kind)
         return out
 
@@ -122,7 +131,7 @@ class ParameterSpace:
 
     def _default_of(self, name: str) -> float:
         param = next(p for p, n, *_ in self._slots() if n == name)
-        return {**self._model_params, **self._global_params}[param].default
+        return {**self._model_params, **self._global_params}[param].start
 
     def clip(self, params: dict[str, float]) -> dict[str, float]:
         dists = self.distributions()
@@ -132,8 +141,8 @@ class ParameterSpace:
         """Named parameter sets to evaluate first: uniform merge, defaults, each expert alone."""
         k = len(self.experts)
         uniform = 1.0 / k if self.cfg.method in _SUM_METHODS else 1.0
-        out = {"uniform": {}, "defaults": {}}
-        experts_alone = {f"expert:{e}": {} for e in self.experts} if self.cfg.per_model else {}
+        out: dict[str, dict[str, float]] = {"uniform": {}, "defaults": {}}
+        experts_alone: dict[str, dict[str, float]] = {f"expert:{e}": {} for e in self.experts} if self.cfg.per_model else {}
         for param, name, owner, _, _ in self._slots():
             default = self._default_of(name)
             out["defaults"][name] = default

@@ -78,3 +78,31 @@ def ray_local():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def search_suite(tmp_path_factory) -> dict:
+    """The toy-suite layout (base/, experts/<task>/, data/<task>/{validation,test}.jsonl) with
+    random tiny models: enough for search tests, built in about a second."""
+    import json
+    import random
+
+    root = tmp_path_factory.mktemp("search_suite")
+    base, tok = make_tiny_llama(seed=0)
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    tasks = ["a", "b"]
+    for i, task in enumerate(tasks, start=1):
+        m = perturbed(base, seed=i, scale=0.05)
+        m.save_pretrained(root / "experts" / task)
+        tok.save_pretrained(root / "experts" / task)
+        rng = random.Random(i)
+        for split, n in (("validation", 600), ("test", 64)):
+            rows = [
+                {"prompt": f"{task}:" + "".join(rng.choices("abcdef", k=8)) + ">", "answer": "x"}
+                for _ in range(n)
+            ]
+            path = root / "data" / task / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"dir": root, "expert_tasks": tasks}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from pydantic import ValidationError
 
 from evomerge.config import ConfigError, load_job, parse_job
 
@@ -37,7 +38,7 @@ def test_good_config_defaults():
     assert job.search.sampler.name == "cmaes"
     assert job.search.space.method == "ties"
     assert str(job.resolved_run_dir) == "runs/demo"
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         job.name = "other"  # frozen
 
 
@@ -81,8 +82,14 @@ def test_bounds_low_above_high_refused():
 
 
 def test_bounds_for_unknown_parameter_refused():
-    space = {"name": "parameter", "method": "task_arithmetic", "bounds": {"density": {"low": 0, "high": 1}}}
-    assert "density is not a parameter of task_arithmetic" in error_of(with_("search.space", space))
+    space = {
+        "name": "parameter",
+        "method": "task_arithmetic",
+        "bounds": {"density": {"low": 0, "high": 1}},
+    }
+    assert "density is not a parameter of task_arithmetic" in error_of(
+        with_("search.space", space)
+    )
 
 
 def test_test_split_refused_unless_allowed():

@@ -27,7 +27,8 @@ def test_help_imports_nothing_heavy():
 
 
 def test_cli_help_runs():
-    out = subprocess.run([sys.executable, "-m", "evomerge", "--help"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "evomerge", "--help"], capture_output=True, text=True, check=True
+    )
     for cmd in ("toy", "merge", "search", "results", "best", "adamerge"):
         assert cmd in out.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from evomerge.recipe import Recipe
 
@@ -19,8 +20,11 @@ values = st.one_of(
 @given(w=values, d=values, seed=st.integers(0, 2**31), t=floats)
 def test_round_trip_exact(w, d, seed, t):
     r = Recipe(
-        method="ties", sources={"base": "b", "x": "x/y"}, base_model="base",
-        models={"x": {"weight": w, "density": d}}, parameters={"normalize": True, "lambda": t},
+        method="ties",
+        sources={"base": "b", "x": "x/y"},
+        base_model="base",
+        models={"x": {"weight": w, "density": d}},
+        parameters={"normalize": True, "lambda": t},
         seed=seed,
     )
     assert Recipe.from_json(r.to_json()) == r
@@ -36,7 +40,8 @@ def test_hash_changes_with_content():
 
 def test_dfs_path_round_trip():
     r = Recipe(
-        method="linear", sources={"a": "a", "b": "b"},
+        method="linear",
+        sources={"a": "a", "b": "b"},
         dfs={"layers": [["a", 0], ["b", 1]], "scales": [1.0, 0.5], "embed_from": "a"},
     )
     assert Recipe.from_yaml(r.to_yaml()) == r
@@ -58,5 +63,5 @@ def test_bad_recipes(kwargs, message):
 
 def test_recipe_is_frozen():
     r = Recipe(method="linear", sources={"x": "x"})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         r.method = "ties"

@@ -17,11 +17,19 @@ from tests.test_search import job_dict
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "evomerge", *args], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge", *args],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def load(run_dir, name) -> optuna.Study | None:
+    if not (run_dir / "study.journal").exists():
+        return None
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal"))
     )
@@ -31,8 +39,8 @@ def load(run_dir, name) -> optuna.Study | None:
         return None
 
 
-def test_sigkill_then_resume_reaches_budget_exactly(toy_suite_tiny, tmp_path):
-    data = job_dict(toy_suite_tiny, tmp_path / "run", trials=14, held_out_top_k=0)
+def test_sigkill_then_resume_reaches_budget_exactly(search_suite, tmp_path):
+    data = job_dict(search_suite, tmp_path / "run", trials=14, held_out_top_k=0)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     proc = cli("search", str(path), "--no-progress")
@@ -46,8 +54,11 @@ def test_sigkill_then_resume_reaches_budget_exactly(toy_suite_tiny, tmp_path):
     assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {t.number: t.params for t in load(tmp_path / "run", data["name"]).trials
-              if t.state == TrialState.COMPLETE}
+    before = {
+        t.number: t.params
+        for t in load(tmp_path / "run", data["name"]).trials
+        if t.state == TrialState.COMPLETE
+    }
     assert 6 <= len(before) < 14
 
     resumed = cli("search", str(path), "--resume", "--no-progress")
@@ -65,14 +76,14 @@ def test_sigkill_then_resume_reaches_budget_exactly(toy_suite_tiny, tmp_path):
     assert all(t.params in rerun_params for t in interrupted)
 
 
-def test_bad_objective_refused_before_workers_start(toy_suite_tiny, tmp_path):
-    data = job_dict(toy_suite_tiny, tmp_path / "run")
-    data["objectives"] = [{"metric": "accuracy/nope"}]
+def test_bad_objective_refused_before_workers_start(search_suite, tmp_path):
+    data = job_dict(search_suite, tmp_path / "run")
+    data["objectives"] = [{"metric": "entropy/nope"}]
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     t0 = time.time()
     proc = cli("search", str(path))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
-    assert "metric 'accuracy/nope' is produced by no evaluator" in out
+    assert "metric 'entropy/nope' is produced by no evaluator" in out
     assert time.time() - t0 < 30 and not (tmp_path / "run").exists()

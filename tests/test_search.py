@@ -34,24 +34,31 @@ def job_dict(suite, run_dir, **search) -> dict:
             **search,
         },
         "evaluators": [
-            {"name": "accuracy", "data": str(suite["dir"] / "data" / t), "limit": 16,
-             "batch_size": 16, "max_new_tokens": 12}
+            {
+                "name": "entropy",
+                "data": str(suite["dir"] / "data" / t),
+                "limit": 32,
+                "batch_size": 32,
+            }
             for t in tasks
         ],
-        "objectives": [{"weights": {f"accuracy/{t}": 1.0 for t in tasks}}],
+        "objectives": [{"weights": {f"entropy/{t}": 1.0 for t in tasks}, "direction": "minimize"}],
         "resources": {"workers": 2, "num_cpus": 1},
     }
 
 
-def test_search_completes_and_beats_baselines(ray_local, toy_suite_tiny, tmp_path):
-    job = parse_job(job_dict(toy_suite_tiny, tmp_path / "run"))
+def test_search_completes_and_beats_baselines(ray_local, search_suite, tmp_path):
+    job = parse_job(job_dict(search_suite, tmp_path / "run"))
     study = run_search(job, progress=False)
     assert counted_trials(study) == 10
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 10
     baselines = [t for t in done if t.user_attrs.get("baseline")]
-    assert {t.user_attrs["baseline"] for t in baselines} >= {"uniform", *(f"expert:{e}" for e in job.models.experts)}
-    assert study.best_value >= max(t.value for t in baselines)
+    assert {t.user_attrs["baseline"] for t in baselines} >= {
+        "uniform",
+        *(f"expert:{e}" for e in job.models.experts),
+    }
+    assert study.best_value <= min(t.value for t in baselines)  # entropy: lower is better
     for t in done:  # every metric, the recipe and the timings are stored
         assert t.value == objective_values(job.objectives, t.user_attrs["metrics"])[0]
         assert t.user_attrs["recipe"]["method"] == "ties"
@@ -60,19 +67,27 @@ def test_search_completes_and_beats_baselines(ray_local, toy_suite_tiny, tmp_pat
     assert study.best_trial.number in held and all(t.number in held for t in baselines)
     assert set(held[study.best_trial.number]["metrics"]) == set(t.user_attrs["metrics"])
     df = results_frame(*open_run(tmp_path / "run"))
-    task = toy_suite_tiny["expert_tasks"][0]
-    assert len(df) == 10 and f"held_out:accuracy/{task}" in df and f"accuracy/{task}" in df
+    task = search_suite["expert_tasks"][0]
+    assert len(df) == 10 and f"held_out:entropy/{task}" in df and f"entropy/{task}" in df
 
 
-def test_worker_killed_mid_trial_fails_only_that_trial(ray_local, toy_suite_tiny, tmp_path):
+def test_worker_killed_mid_trial_fails_only_that_trial(ray_local, search_suite, tmp_path):
     import ray
 
-    data = job_dict(toy_suite_tiny, tmp_path / "run", trials=12, held_out_top_k=0)
+    data = job_dict(search_suite, tmp_path / "run", trials=12, held_out_top_k=0)
     for ev in data["evaluators"]:
-        ev["limit"] = 64  # slow enough that a kill lands mid-evaluation
+        ev["limit"] = 600  # slow enough that a kill lands mid-evaluation
     job = parse_job(data)
     box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(study=run_search(job, progress=False)))
+    (tmp_path / "run").mkdir()
+
+    def target() -> None:
+        try:
+            box["study"] = run_search(job, progress=False)
+        except BaseException as err:  # surfaced by the assertion below
+            box["error"] = err
+
+    thread = threading.Thread(target=target)
     thread.start()
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "run" / "study.journal"))
@@ -89,6 +104,7 @@ def test_worker_killed_mid_trial_fails_only_that_trial(ray_local, toy_suite_tiny
     for i in range(2):
         ray.kill(ray.get_actor(f"evomerge:{job.name}:{i}"), no_restart=False)
     thread.join(timeout=300)
+    assert "error" not in box, box.get("error")
     study = box["study"]
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert 1 <= len(failed) <= 2
@@ -97,12 +113,19 @@ def test_worker_killed_mid_trial_fails_only_that_trial(ray_local, toy_suite_tiny
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 12 - len(failed)
 
 
-def test_multi_objective_front_is_the_non_dominated_set(ray_local, toy_suite_tiny, tmp_path):
-    data = job_dict(toy_suite_tiny, tmp_path / "run", trials=12, held_out_top_k=0,
-                    sampler={"name": "nsga2", "population_size": 4, "seed": 0})
-    tasks = toy_suite_tiny["expert_tasks"][:2]
-    data["objectives"] = [{"metric": f"accuracy/{tasks[0]}"},
-                          {"metric": f"accuracy/{tasks[1]}", "direction": "minimize"}]
+def test_multi_objective_front_is_the_non_dominated_set(ray_local, search_suite, tmp_path):
+    data = job_dict(
+        search_suite,
+        tmp_path / "run",
+        trials=12,
+        held_out_top_k=0,
+        sampler={"name": "nsga2", "population_size": 4, "seed": 0},
+    )
+    tasks = search_suite["expert_tasks"][:2]
+    data["objectives"] = [
+        {"metric": f"entropy/{tasks[0]}", "direction": "maximize"},
+        {"metric": f"entropy/{tasks[1]}", "direction": "minimize"},
+    ]
     job = parse_job(data)
     study = run_search(job, progress=False)
     trials = study.get_trials(states=(TrialState.COMPLETE,))
@@ -114,26 +137,44 @@ def test_multi_objective_front_is_the_non_dominated_set(ray_local, toy_suite_tin
     assert {t.number for t in best_trials(study, job)} == brute
 
 
-def test_fidelity_prunes_and_records_rungs(ray_local, toy_suite_tiny, tmp_path):
-    data = job_dict(toy_suite_tiny, tmp_path / "run", trials=14, held_out_top_k=0,
-                    sampler={"name": "random", "seed": 3},
-                    fidelity={"fractions": [0.25, 1.0], "reduction_factor": 2})
+def test_fidelity_prunes_and_records_rungs(ray_local, search_suite, tmp_path):
+    data = job_dict(
+        search_suite,
+        tmp_path / "run",
+        trials=14,
+        held_out_top_k=0,
+        sampler={"name": "random", "seed": 3},
+        fidelity={"fractions": [0.25, 1.0], "reduction_factor": 2},
+    )
     study = run_search(parse_job(data), progress=False)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.PRUNED) >= 1
     assert counted_trials(study) == 14
     for t in study.get_trials(states=(TrialState.PRUNED,)):
         assert [r["fraction"] for r in t.user_attrs["rungs"]] == [0.25]
-    promoted = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if "rungs" in t.user_attrs]
+    promoted = [
+        t for t in study.get_trials(states=(TrialState.COMPLETE,)) if "rungs" in t.user_attrs
+    ]
     assert promoted and all(len(t.user_attrs["rungs"]) == 2 for t in promoted)
 
 
-def test_existing_study_needs_resume(ray_local, toy_suite_tiny, tmp_path):
-    job = parse_job(job_dict(toy_suite_tiny, tmp_path / "run", trials=2, held_out_top_k=0,
-                             baselines=False, sampler={"name": "random"}))
+def test_existing_study_needs_resume(ray_local, search_suite, tmp_path):
+    job = parse_job(
+        job_dict(
+            search_suite,
+            tmp_path / "run",
+            trials=2,
+            held_out_top_k=0,
+            baselines=False,
+            sampler={"name": "random"},
+        )
+    )
     run_search(job, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         run_search(job, progress=False)
-    study = run_search(job.model_copy(update={"search": job.search.model_copy(
-        update={"trials": 4})}), resume=True, progress=False)
+    study = run_search(
+        job.model_copy(update={"search": job.search.model_copy(update={"trials": 4})}),
+        resume=True,
+        progress=False,
+    )
     assert counted_trials(study) == 4

@@ -43,9 +43,7 @@ def test_module_kinds_make_kind_dicts():
 @given(st.data())
 def test_encode_inverts_decode(data):
     s = space(method="ties", layer_groups=2, module_kinds=data.draw(st.booleans()))
-    params = {
-        name: data.draw(st.floats(d.low, d.high)) for name, d in s.distributions().items()
-    }
+    params = {name: data.draw(st.floats(d.low, d.high)) for name, d in s.distributions().items()}
     assert s.encode(s.decode(params)) == params
 
 
@@ -68,7 +66,9 @@ def test_global_parameter_searched_when_bounded():
     assert s.decode({n: 0.6 for n in s.distributions()}).parameters["lambda"] == 0.6
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "linear"])
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "linear"]
+)
 def test_baselines_are_inside_the_space(method):
     s = space(method=method)
     dists = s.distributions()

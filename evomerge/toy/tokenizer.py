@@ -1,4 +1,4 @@
-"""A character-level tokenizer built with ``tokenizers`` and wrapped as a real HF fast tokenizer."""
+"""A character-level tokenizer built with ``tokenizers``, wrapped as a real HF fast tokenizer."""
 
 from __future__ import annotations
 
