@@ -142,7 +142,9 @@ class ParameterSpace:
         k = len(self.experts)
         uniform = 1.0 / k if self.cfg.method in _SUM_METHODS else 1.0
         out: dict[str, dict[str, float]] = {"uniform": {}, "defaults": {}}
-        experts_alone: dict[str, dict[str, float]] = {f"expert:{e}": {} for e in self.experts} if self.cfg.per_model else {}
+        experts_alone: dict[str, dict[str, float]] = (
+            {f"expert:{e}": {} for e in self.experts} if self.cfg.per_model else {}
+        )
         for param, name, owner, _, _ in self._slots():
             default = self._default_of(name)
             out["defaults"][name] = default
