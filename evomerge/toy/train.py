@@ -47,13 +47,13 @@ def encode_rows(rows: Sequence[Mapping[str, str]], tokenizer: Any) -> Encoded:
     prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
     seqs = tokenizer([r["prompt"] + r["answer"] + "\n" for r in rows])["input_ids"]
     starts = [len(p) for p in prompts]
-    for row, p, full in zip(rows, prompts, seqs):
+    for row, p, full in zip(rows, prompts, seqs, strict=True):
         if full[: len(p)] != p:
             raise ValueError(f"prompt {row['prompt']!r} does not tokenize as a prefix")
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (seq, start) in enumerate(zip(seqs, starts)):
+    for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
         ids[i, : len(seq)] = torch.tensor(seq)
         labels[i, start : len(seq)] = ids[i, start : len(seq)]
     return ids, labels
