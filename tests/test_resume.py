@@ -71,9 +71,11 @@ def test_sigkill_then_resume_reaches_budget_exactly(search_suite, tmp_path):
     assert all(t.state == TrialState.FAIL for t in interrupted)
     after = {t.number: t.params for t in complete}
     assert all(after[n] == p for n, p in before.items())  # nothing completed was lost
-    # each interrupted trial was re-run with the same parameters
-    rerun_params = [t.params for t in complete if t.number > max(before)]
-    assert all(t.params in rerun_params for t in interrupted)
+    # interrupted trials are re-run first, with the same parameters, as far as the budget allows
+    first_after = [t.params for t in sorted(complete, key=lambda t: t.number)
+                   if t.number > max(n for n in before)][: 14 - len(before)]
+    rerun = min(len(interrupted), 14 - len(before))
+    assert [t.params for t in interrupted][:rerun] == first_after[:rerun]
 
 
 def test_bad_objective_refused_before_workers_start(search_suite, tmp_path):

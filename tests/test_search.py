@@ -159,16 +159,12 @@ def test_fidelity_prunes_and_records_rungs(ray_local, search_suite, tmp_path):
 
 
 def test_existing_study_needs_resume(ray_local, search_suite, tmp_path):
-    job = parse_job(
-        job_dict(
-            search_suite,
-            tmp_path / "run",
-            trials=2,
-            held_out_top_k=0,
-            baselines=False,
-            sampler={"name": "random"},
-        )
+    data = job_dict(
+        search_suite, tmp_path / "run", trials=2, held_out_top_k=0, baselines=False,
+        sampler={"name": "random"},
     )
+    data["resources"]["workers"] = 1
+    job = parse_job(data)
     run_search(job, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         run_search(job, progress=False)
