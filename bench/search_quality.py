@@ -1,0 +1,350 @@
+"""Search quality: best validation fitness and held-out (test) accuracy vs evaluations.
+
+On the small toy suite (base + reverse/sort/swap experts; fitness = mean exact match on
+``--limit`` validation examples per task, held-out = the full test splits), over ``--seeds``:
+
+- CMA-ES on per-model TIES coefficients (1 layer group) and per-layer ones (every layer);
+- NSGA-II and random search on the per-layer space; every search starts with evomerge's baselines;
+- grid-searched task arithmetic (shared lambda, 11 points) and TIES (shared weight = lambda with
+  ``normalize: false``, and density; 5 x 5) -- ``per_model: false``, ``grid`` sampler;
+- layer-wise AdaMerging (``evomerge.adamerging.run_adamerging``): one point, 1 evaluation;
+- mergekit-evolve 0.1.5 (CMA-ES, per-layer TIES, lm-eval fitness) through the CPU shim, its
+  per-candidate scores logged by ``bench/peer/evolve_logged.py``; its incumbents are merged with
+  mergekit and scored on the same test splits.
+
+The held-out curve scores the incumbent (best fitness so far) at every ``--every`` evaluations.
+
+    python bench/search_quality.py            # 40 evaluations x 3 seeds, ~20 min on 2 cores
+    python bench/search_quality.py --quick    # 16 evaluations x 2 seeds, no peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench import mergekit_evolve as peer  # noqa: E402
+from bench.candidate_throughput import ensure_suite, num_layers, suite_tasks, toy_job  # noqa: E402
+from bench.common import format_table, machine, new_figure, save_figure, write_json  # noqa: E402
+
+
+def searches(layers: int) -> dict[str, dict[str, Any]]:
+    """label -> (space, sampler maker, seeded, baselines) of each evomerge search."""
+    per_layer = {"name": "parameter", "method": "ties", "per_model": True, "layer_groups": layers}
+    per_model = {**per_layer, "layer_groups": 1}
+    ta = {"name": "parameter", "method": "task_arithmetic", "per_model": False}
+    ties = {"name": "parameter", "method": "ties", "per_model": False,
+            "fixed": {"normalize": False}, "bounds": {"weight": {"low": 0.1, "high": 1.3}}}
+    cma = {"name": "cmaes", "popsize": 8, "sigma0": 0.25}
+    return {
+        "cmaes per-model": {"space": per_model, "sampler": cma, "seeded": True},
+        "cmaes per-layer": {"space": per_layer, "sampler": cma, "seeded": True},
+        "nsga2 per-layer": {"space": per_layer, "seeded": True,
+                            "sampler": {"name": "nsga2", "population_size": 8}},
+        "random per-layer": {"space": per_layer, "sampler": {"name": "random"}, "seeded": True},
+        "grid TA": {"space": ta, "sampler": {"name": "grid", "points": 11}, "trials": 11,
+                    "seeded": False, "baselines": False},
+        "grid TIES": {"space": ties, "sampler": {"name": "grid", "points": 5}, "trials": 25,
+                      "seeded": False, "baselines": False},
+    }
+
+
+def run_evomerge(job_dict: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one search in this process (Ray already started); trials in completion order."""
+    import shutil
+
+    from bench.candidate_throughput import read_trials
+    from evomerge.config import parse_job
+    from evomerge.driver import run_search
+
+    shutil.rmtree(job_dict["run_dir"], ignore_errors=True)
+    _no_grid_stop()
+    run_search(parse_job(job_dict), progress=False)
+    rows = [r for r in read_trials(Path(job_dict["run_dir"])) if r["state"] == "COMPLETE"]
+    return sorted(rows, key=lambda r: r["end"])
+
+
+def _no_grid_stop() -> None:
+    """Workaround (evomerge bug, reported): optuna's GridSampler calls ``study.stop()`` in
+    ``after_trial`` once the grid is used up, which raises outside ``study.optimize``; the
+    driver's budget (``trials`` = grid size here) ends the search instead."""
+    import optuna
+
+    optuna.samplers.GridSampler.after_trial = lambda *a, **k: None  # type: ignore[method-assign]
+
+
+def incumbents(values: list[float], every: int) -> list[tuple[int, int]]:
+    """(evaluations so far, index of the best so far) at every ``every`` and at the end."""
+    marks = sorted({*range(every, len(values) + 1, every), len(values)})
+    return [(m, max(range(m), key=lambda i: (values[i], -i))) for m in marks if m > 0]
+
+
+def curve(values: list[float]) -> list[float]:
+    out, best = [], float("-inf")
+    for v in values:
+        best = max(best, v)
+        out.append(best)
+    return out
+
+
+def evals_to(values: list[float], level: float) -> int | None:
+    """Evaluations until the best so far reaches ``level`` (None if never)."""
+    for i, v in enumerate(curve(values)):
+        if v >= level - 1e-12:
+            return i + 1
+    return None
+
+
+class HeldOut:
+    """Scores recipes (or mergekit configs) on the test splits; cached by content."""
+
+    def __init__(self, suite: Path) -> None:
+        from evomerge.config import AccuracyEvalConfig, LoadConfig
+        from evomerge.evaluators.base import build_evaluator
+        from evomerge.workspace import Workspace
+
+        self.suite = suite
+        tasks = suite_tasks(suite)
+        sources = {"base": str(suite / "base"), **{t: str(suite / "experts" / t) for t in tasks}}
+        self.ws = Workspace(sources, "base", load=LoadConfig())
+        self.evals = [build_evaluator(AccuracyEvalConfig(
+            name="accuracy", data=str(suite / "data" / t), batch_size=64), split="test")
+            for t in tasks]
+        self.cache: dict[str, float] = {}
+
+    def _score(self, model: Any, tok: Any) -> float:
+        vals = [v for ev in self.evals for v in ev.evaluate(model, tok).values()]
+        return sum(vals) / len(vals)
+
+    def recipe(self, recipe: dict[str, Any]) -> float:
+        key = json.dumps(recipe, sort_keys=True)
+        if key not in self.cache:
+            from evomerge.recipe import Recipe
+
+            model = self.ws.apply(Recipe.from_dict(recipe))
+            self.cache[key] = self._score(model, self.ws.tokenizer)
+        return self.cache[key]
+
+    def mergekit(self, config_yaml: str) -> float:
+        if config_yaml not in self.cache:
+            import yaml
+            from mergekit.config import MergeConfiguration
+            from mergekit.merge import run_merge
+            from mergekit.options import MergeOptions
+            from transformers import AutoModelForCausalLM
+
+            cfg = MergeConfiguration.model_validate(yaml.safe_load(config_yaml))
+            with tempfile.TemporaryDirectory() as out:
+                run_merge(cfg, out, options=MergeOptions(copy_tokenizer=False, quiet=True))
+                model = AutoModelForCausalLM.from_pretrained(out, dtype="float32").eval()
+            self.cache[config_yaml] = self._score(model, self.ws.tokenizer)
+        return self.cache[config_yaml]
+
+
+def record(method: str, seed: int, values: list[float], tests: list[tuple[int, float]],
+           seconds: float) -> dict[str, Any]:
+    final = max(values)
+    return {"method": method, "seed": seed, "fitness": values, "held_out": tests,
+            "evals": len(values), "final_fitness": final, "final_test": tests[-1][1],
+            "evals_to_95": evals_to(values, 0.95 * final), "seconds": seconds}
+
+
+def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespace,
+            held: HeldOut) -> dict[str, Any]:
+    sampler = {**spec["sampler"], "seed": seed}
+    job = toy_job(args.suite, args.work / f"{label.replace(' ', '_')}_{seed}",
+                  evaluator="accuracy", limit=args.limit, workers=args.workers,
+                  trials=spec.get("trials", args.evals), layer_groups=1, sampler=sampler,
+                  space=spec["space"], baselines=spec.get("baselines", True))
+    t0 = time.time()
+    rows = run_evomerge(job)
+    seconds = time.time() - t0
+    values = [r["value"] for r in rows]
+    tests = [(m, held.recipe(rows[i]["recipe"])) for m, i in incumbents(values, args.every)]
+    return record(label, seed, values, tests, seconds)
+
+
+def run_adamerging(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, Any]:
+    from evomerge.adamerging import run_adamerging as ada
+    from evomerge.config import parse_job
+
+    job = toy_job(args.suite, args.work / f"adamerging_{seed}", evaluator="accuracy",
+                  limit=args.limit, workers=1, trials=1, layer_groups=1)
+    job["adamerging"] = {"granularity": "layer", "steps": args.ada_steps, "seed": seed}
+    t0 = time.time()
+    result = ada(parse_job(job), progress=False)
+    seconds = time.time() - t0
+    saved = json.loads((Path(job["run_dir"]) / "adamerging" / "result.json").read_text())
+    fit = saved["metrics"]["fitness"]
+    value = sum(fit.values()) / len(fit)
+    return record("adamerging", seed, [value], [(1, held.recipe(result.recipe.to_dict()))],
+                  seconds)
+
+
+def run_peer(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, Any] | None:
+    py = peer.ensure_peer_venv(args.peer_venv)
+    tasks = peer.peer_tasks(args.suite / "tasks", args.work / "peer_tasks")
+    cfg = peer.evolve_config(args.suite, list(suite_tasks(args.suite)), limit=args.limit,
+                             layer_granularity=1)
+    t0 = time.time()
+    res = peer.run_peer(py, cfg, tasks, args.work / f"mergekit_evolve_{seed}",
+                        fevals=args.evals, workers=1, seed=seed + 1)
+    if not res["candidates"]:
+        print(f"mergekit-evolve seed {seed} failed:\n{res['log_tail']}", file=sys.stderr)
+        return None
+    rows = res["candidates"]
+    values = [float(r["score"]) for r in rows]
+    tests = [(m, held.mergekit(rows[i]["config"])) for m, i in incumbents(values, args.every)]
+    out = record("mergekit-evolve", seed, values, tests, time.time() - t0)
+    out["rc"] = res["rc"]
+    return out
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    peer_runs = [r for r in runs if r["method"] == "mergekit-evolve"]
+    level = statistics.mean(r["final_fitness"] for r in peer_runs) if peer_runs else None
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        to_peer = [evals_to(r["fitness"], 0.95 * level) for r in rs] if level else []
+        rows.append({
+            "method": method, "seeds": len(rs), "evals": statistics.mean(r["evals"] for r in rs),
+            "fitness": _mean(r["final_fitness"] for r in rs),
+            "fitness_sd": _sd(r["final_fitness"] for r in rs),
+            "test": _mean(r["final_test"] for r in rs),
+            "test_sd": _sd(r["final_test"] for r in rs),
+            "evals_to_95": _mean(r["evals_to_95"] for r in rs),
+            "evals_to_95_of_peer": _mean(x for x in to_peer) if to_peer else None,
+            "seconds": _mean(r["seconds"] for r in rs),
+        })
+    return rows
+
+
+def _mean(xs: Any) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def _sd(xs: Any) -> float | None:
+    vals = list(xs)
+    return statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {r["method"]: r for r in rows}
+    grid = max((by[m]["test"] for m in ("grid TA", "grid TIES") if m in by), default=None)
+    out: dict[str, Any] = {"grid_best_test": grid}
+    for m in ("cmaes per-model", "cmaes per-layer"):
+        if m in by and grid is not None:
+            out[f"{m} beats grid on test"] = by[m]["test"] > grid
+    pk = by.get("mergekit-evolve")
+    for m in ("cmaes per-model", "cmaes per-layer"):
+        if pk and m in by and pk["evals_to_95"] and by[m]["evals_to_95"]:
+            out[f"{m} evals_to_95 / peer"] = by[m]["evals_to_95"] / pk["evals_to_95"]
+    return out
+
+
+def plot(runs: list[dict[str, Any]], subtitle: str) -> Path:
+    fig, (ax_fit, ax_test) = new_figure(2)
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
+        rs = [r for r in runs if r["method"] == method]
+        color = f"C{i}"
+        if method == "adamerging":
+            ax_fit.scatter([1], [_mean(r["final_fitness"] for r in rs)], color=color, label=method)
+            ax_test.scatter([1], [_mean(r["final_test"] for r in rs)], color=color, label=method)
+            continue
+        n = min(r["evals"] for r in rs)
+        curves = [curve(r["fitness"])[:n] for r in rs]
+        xs = list(range(1, n + 1))
+        cols = list(zip(*curves, strict=True))
+        ax_fit.plot(xs, [statistics.mean(c) for c in cols], color=color, label=method)
+        ax_fit.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=color,
+                            alpha=0.15)
+        marks = sorted({m for r in rs for m, _ in r["held_out"]})
+        ys = [_mean(dict(map(tuple, r["held_out"])).get(m) for r in rs) for m in marks]
+        ax_test.plot(marks, ys, marker="o", color=color, label=method)
+    ax_fit.set(xlabel="evaluations", ylabel="best validation fitness (mean of seeds, min-max)")
+    ax_test.set(xlabel="evaluations", ylabel="test accuracy of the incumbent (mean of seeds)")
+    ax_test.legend(fontsize=7)
+    return save_figure(fig, "search_quality", subtitle=subtitle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", type=Path, default=Path("/tmp/toy_small"))
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_quality"))
+    p.add_argument("--evals", type=int, default=40, help="evaluations per search")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--limit", type=int, default=64, help="validation examples per task")
+    p.add_argument("--every", type=int, default=10, help="held-out scoring interval")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ada-steps", type=int, default=300)
+    p.add_argument("--methods", nargs="+", help="only these (labels as in the table)")
+    p.add_argument("--peer-venv", type=Path, default=peer.DEFAULT_VENV)
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--quick", action="store_true", help="16 evaluations, 2 seeds, no peer")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.evals, args.seeds, args.skip_peer, args.every = 16, 2, True, 4
+    info = machine()
+    import ray
+    import torch
+
+    torch.set_num_threads(1)
+    args.suite = ensure_suite(args.suite)
+    args.work.mkdir(parents=True, exist_ok=True)
+    held = HeldOut(args.suite)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    want = set(args.methods or [])
+    runs: list[dict[str, Any]] = []
+    for label, spec in searches(num_layers(args.suite)).items():
+        if want and label not in want:
+            continue
+        for seed in range(args.seeds if spec["seeded"] else 1):
+            runs.append(run_one(label, spec, seed, args, held))
+            _log(runs[-1])
+    ray.shutdown()
+    if not want or "adamerging" in want:
+        for seed in range(args.seeds):
+            runs.append(run_adamerging(args, held, seed))
+            _log(runs[-1])
+    if not args.skip_peer and (not want or "mergekit-evolve" in want):
+        for seed in range(args.seeds):
+            r = run_peer(args, held, seed)
+            if r:
+                runs.append(r)
+                _log(r)
+    rows = summarize(runs)
+    cols = ["method", "seeds", "evals", "fitness", "fitness_sd", "test", "test_sd",
+            "evals_to_95", "evals_to_95_of_peer", "seconds"]
+    print(format_table(rows, cols))
+    goal = targets(rows)
+    print(json.dumps(goal, indent=1))
+    png = plot(runs, f"toy suite small, {args.evals} evaluations, {args.seeds} seeds")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path = write_json("search_quality", settings=settings, info=info,
+                      results={"summary": rows, "targets": goal, "runs": runs})
+    print(f"wrote {path} and {png}", file=sys.stderr)
+    return 0
+
+
+def _log(r: dict[str, Any]) -> None:
+    print(f"{r['method']} seed {r['seed']}: {r['evals']} evals, best {r['final_fitness']:.3f}, "
+          f"test {r['final_test']:.3f}, {r['seconds']:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
