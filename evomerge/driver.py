@@ -95,6 +95,7 @@ class Loop:
         self.inflight: dict[Any, Candidate] = {}
         self.done = counted_trials(study)
         self.fail_streak = 0
+        self.baselines_done = False
         self.progress = Progress(
             study, total=job.search.trials, initial=self.done, enabled=progress
         )
@@ -124,9 +125,14 @@ class Loop:
 
     def _hold_for_baselines(self) -> bool:
         """CMA-ES infers its space from completed trials: finish baselines before sampling."""
-        if self.job.search.sampler.name != "cmaes" or waiting_trials(self.study):
+        if self.job.search.sampler.name != "cmaes" or self.baselines_done:
             return False
-        return any(c.baseline for c in self.inflight.values())
+        if waiting_trials(self.study):  # the next ask pops an enqueued trial
+            return False
+        if any(c.baseline for c in self.inflight.values()):
+            return True
+        self.baselines_done = True  # from now on no storage read per ask
+        return False
 
     def _submit(self, cand: Candidate) -> None:
         ref = self.pool.submit(cand.worker, cand.recipe, self.fractions[cand.rung])
@@ -189,7 +195,7 @@ class Loop:
         self.pool.idle.append(cand.worker)
         self.done += 1
         self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
-        self.progress.update(error=error)
+        self.progress.update(values=values, error=error)
         limit = max(3, 2 * self.pool.size)
         if self.fail_streak >= limit:
             raise RuntimeError(
