@@ -1,0 +1,252 @@
+"""Build the toy suite: a tiny Llama base, one expert per task, data splits and a target table.
+
+Layout of ``DIR`` (other parts of evomerge rely on it)::
+
+    base/                     HF folder (safetensors + tokenizer)
+    experts/<task>/           the same, fine-tuned from base on one task
+    data/<task>/{train,validation,test}.jsonl   {"prompt", "answer"} rows, every task
+    tasks/toy_<task>.yaml     lm-eval task configs (evomerge.evaluators.lm_tasks)
+    targets.json              test accuracy of base, experts and the uniform task-arithmetic merge
+    manifest.json             settings, their hash and a sha256 per file (written last)
+
+The base is pretrained on ``copy`` plus a little of each expert task (so it is partly able to
+do them: a base that lacks a skill makes every merge collapse); each expert then fine-tunes the
+decoder layers (embeddings, final norm and head stay the base's) on its own task only, so it
+gains its task and forgets some of the others. Everything is seeded and runs on one CPU thread.
+
+>>> build_suite("toy_suite", size="tiny")  # doctest: +SKIP
+PosixPath('toy_suite')
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from evomerge.toy.tasks import make_splits
+from evomerge.toy.tokenizer import make_tokenizer
+from evomerge.toy.train import encode_rows, make_model, train
+
+SUITE_VERSION = 1
+EXPERT_TASKS = ("shift", "sort", "swap")
+PRETRAIN_MIX = {"copy": 1.0, "shift": 0.05, "sort": 0.05, "swap": 0.05}
+TASKS = ("copy", *EXPERT_TASKS)
+MERGE_NAME = "task_arithmetic_uniform"
+
+SIZES: dict[str, dict[str, Any]] = {
+    "small": {
+        "arch": {"hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 4,
+                 "num_attention_heads": 4, "num_key_value_heads": 2},
+        "splits": {"test": 200, "validation": 200, "train": 3000},
+        "pretrain": {"steps": 500, "batch_size": 64, "lr": 3e-3, "warmup": 20},
+        "expert": {"steps": 100, "batch_size": 64, "lr": 3e-4, "warmup": 10},
+    },
+    "tiny": {
+        "arch": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 2, "num_key_value_heads": 1},
+        "splits": {"test": 20, "validation": 20, "train": 200},
+        "pretrain": {"steps": 30, "batch_size": 16, "lr": 3e-3, "warmup": 5},
+        "expert": {"steps": 10, "batch_size": 16, "lr": 1e-3, "warmup": 2},
+    },
+}
+_OWNED = ("base", "experts", "data", "tasks", "targets.json", "manifest.json")
+
+
+def suite_settings(size: str) -> dict[str, Any]:
+    """Everything that determines the suite's content (hashed into the manifest)."""
+    if size not in SIZES:
+        raise ValueError(f"toy suite size {size!r} is unknown; use one of {sorted(SIZES)}")
+    return {
+        "version": SUITE_VERSION, "size": size, "seed": 0, "tasks": list(TASKS),
+        "expert_tasks": list(EXPERT_TASKS), "pretrain_mix": PRETRAIN_MIX,
+        "merge": {"method": "task_arithmetic", "weight": round(1 / len(EXPERT_TASKS), 6)},
+        **SIZES[size],
+    }
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest's content; ``{}`` if it is unreadable; None if there is none."""
+    path = root / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def suite_is_valid(root: str | Path, size: str) -> bool:
+    """True if ``root`` holds a complete suite built with ``size``'s current settings."""
+    manifest = _read_manifest(Path(root))
+    return bool(
+        manifest
+        and manifest.get("hash") == _hash(suite_settings(size))
+        and manifest.get("files") == _file_hashes(Path(root))
+    )
+
+
+def build_suite(
+    dir: str | Path, *, size: Literal["tiny", "small"] = "small", force: bool = False
+) -> Path:
+    """Build the toy suite into ``dir`` (cached: a valid suite there is returned at once).
+
+    ``force=True`` rebuilds. A non-empty ``dir`` without a manifest, or one built with other
+    settings, is refused unless ``force`` is set (nothing is overwritten by surprise).
+    """
+    root = Path(dir)
+    settings = suite_settings(size)
+    if not force and suite_is_valid(root, size):
+        return root
+    _make_room(root, settings, force)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and kind to a shared machine
+    try:
+        _build(root, settings)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _make_room(root: Path, settings: dict[str, Any], force: bool) -> None:
+    import shutil
+
+    manifest = _read_manifest(root)
+    if root.is_dir() and any(root.iterdir()) and not force:
+        if manifest is None:
+            raise ValueError(
+                f"{root} is not empty and holds no toy-suite manifest; choose an empty or new "
+                "folder, or pass force=True (toy build --force) to build there"
+            )
+        old = manifest.get("settings")
+        if isinstance(old, dict) and _hash(old) != _hash(settings):
+            raise ValueError(
+                f"{root} holds a toy suite built with other settings (size {old.get('size')!r}, "
+                f"version {old.get('version')!r}); use another folder or force=True to rebuild"
+            )
+    for name in _OWNED:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _write_data(root: Path, settings: dict[str, Any]) -> dict[str, dict[str, list[dict]]]:
+    data = {}
+    for task in settings["tasks"]:
+        data[task] = make_splits(task, settings["splits"], seed=settings["seed"])
+        folder = root / "data" / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, rows in data[task].items():
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+            (folder / f"{split}.jsonl").write_text(text, encoding="utf-8")
+    return data
+
+
+def _save(model: Any, tok: Any, path: Path) -> None:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _build(root: Path, s: dict[str, Any]) -> None:
+    start = time.perf_counter()
+    tok = make_tokenizer()
+    data = _write_data(root, s)
+    enc = {t: encode_rows(splits["train"], tok) for t, splits in data.items()}
+    base = make_model(tok, seed=s["seed"], **s["arch"])
+    train(base, enc, s["pretrain_mix"], seed=s["seed"], **s["pretrain"])
+    _save(base, tok, root / "base")
+    models = {"base": base}
+    for i, task in enumerate(s["expert_tasks"], start=1):
+        expert = copy.deepcopy(base)
+        train(expert, {task: enc[task]}, {task: 1.0}, seed=s["seed"] + i,
+              trainable=lambda name: ".layers." in name, **s["expert"])
+        _save(expert, tok, root / "experts" / task)
+        models[f"expert/{task}"] = expert
+    models[MERGE_NAME] = _uniform_merge(models, s)
+    table = {name: _scores(m, tok, root, s) for name, m in models.items()}
+    targets = {
+        "split": "test", "expert_tasks": s["expert_tasks"], "merge": s["merge"],
+        "accuracy": table, "build_seconds": round(time.perf_counter() - start, 1),
+        "settings": s,
+    }
+    (root / "targets.json").write_text(json.dumps(targets, indent=2) + "\n")
+    _write_task_yamls(root, s["tasks"])
+    manifest = {"settings": s, "hash": _hash(s), "files": _file_hashes(root)}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(format_table(targets))
+
+
+def _uniform_merge(models: dict[str, Any], s: dict[str, Any]) -> Any:
+    """θ0 + Σ τk / K through the merge engine (the search's uniform baseline)."""
+    from evomerge.merge import merge_state_dicts
+    from evomerge.recipe import Recipe
+
+    tasks = s["expert_tasks"]
+    recipe = Recipe(
+        method="task_arithmetic",
+        sources={"base": "base", **{t: f"experts/{t}" for t in tasks}},
+        base_model="base",
+        models={t: {"weight": s["merge"]["weight"]} for t in tasks},
+    )
+    sds = {"base": models["base"].state_dict()}
+    sds.update({t: models[f"expert/{t}"].state_dict() for t in tasks})
+    merged = copy.deepcopy(models["base"])
+    num_layers = s["arch"]["num_hidden_layers"]
+    merged.load_state_dict(merge_state_dicts(recipe, sds, num_layers=num_layers))
+    return merged.eval()
+
+
+def _scores(model: Any, tok: Any, root: Path, s: dict[str, Any]) -> dict[str, float]:
+    from evomerge.config import AccuracyEvalConfig
+    from evomerge.evaluators.accuracy import AccuracyEvaluator
+
+    out = {}
+    for task in s["tasks"]:
+        cfg = AccuracyEvalConfig(
+            name="accuracy", data=str(root / "data" / task), split="test",
+            batch_size=100, max_new_tokens=16,
+        )
+        out[task] = next(iter(AccuracyEvaluator(cfg).evaluate(model, tok).values()))
+    out["expert_avg"] = sum(out[t] for t in s["expert_tasks"]) / len(s["expert_tasks"])
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _write_task_yamls(root: Path, tasks: list[str]) -> None:
+    try:
+        from evomerge.evaluators.lm_tasks import write_toy_tasks
+    except ModuleNotFoundError as err:
+        if err.name != "evomerge.evaluators.lm_tasks":
+            raise
+        return
+    write_toy_tasks(root, tasks)
+
+
+def format_table(targets: dict[str, Any]) -> str:
+    """The target table as aligned text (rows: models; columns: tasks and the expert average)."""
+    table = targets["accuracy"]
+    cols = list(next(iter(table.values())))
+    width = max(len(name) for name in table) + 2
+    lines = [f"toy suite accuracy on {targets['split']} "
+             f"(built in {targets['build_seconds']} s)",
+             "model".ljust(width) + "".join(c.rjust(11) for c in cols)]
+    for name, row in table.items():
+        lines.append(name.ljust(width) + "".join(f"{row[c]:11.3f}" for c in cols))
+    return "\n".join(lines)
