@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bench import mergekit_evolve as peer  # noqa: E402
-from bench.common import format_table, machine, write_json  # noqa: E402
+from bench.common import RESULTS, format_table, machine, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,15 +111,21 @@ def run_evomerge(job: dict[str, Any], *, profile_s: float = 0) -> dict[str, Any]
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(path),
-                             "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    prof = _py_spy(proc, run_dir, profile_s) if profile_s else None
-    out, _ = proc.communicate()
-    wall = time.time() - t0
-    if proc.returncode:
-        raise RuntimeError(f"evomerge search failed:\n{out[-3000:]}")
+    for attempt in range(3):  # a loaded machine can time Ray's node startup out: retry
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "evomerge", "search", str(path),
+                                 "--no-progress"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        prof = _py_spy(proc, run_dir, profile_s) if profile_s else None
+        out, _ = proc.communicate()
+        wall = time.time() - t0
+        if proc.returncode == 0:
+            break
+        if attempt == 2 or "timed out during startup" not in out:
+            raise RuntimeError(f"evomerge search failed:\n{out[-3000:]}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        time.sleep(30)
     return {"wall_s": wall, "t0": t0, "trials": read_trials(run_dir), "profile": prof}
 
 
@@ -156,7 +162,11 @@ def _py_spy(proc: subprocess.Popen, run_dir: Path, seconds: float) -> dict[str, 
         time.sleep(1)
     if pid is None:
         return None
-    time.sleep(10)  # model loading and the first (baseline) trials
+    journal = run_dir / "study.journal"
+    while proc.poll() is None and time.time() < deadline + 300:  # until a trial has finished
+        if journal.exists() and '"merge_s"' in journal.read_text():
+            break
+        time.sleep(1)
     raw = run_dir / "py-spy.txt"
     subprocess.run(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
                     "--format", "raw", "--output", str(raw), "--nonblocking"],
@@ -212,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-workers", type=int, nargs="+", default=[1])
     p.add_argument("--peer-venv", type=Path, default=peer.DEFAULT_VENV)
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--peer-only", action="store_true",
+                   help="run only the peer; evomerge rows come from the last results JSON")
     p.add_argument("--no-in-memory", action="store_true", help="skip the peer's --in-memory run")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layer-groups", type=int, default=2)
@@ -224,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     suite = ensure_suite(args.suite)
     args.work.mkdir(parents=True, exist_ok=True)
     rows, raw = [], {}
-    for evaluator in ("lm_eval", "accuracy"):
+    if args.peer_only:
+        last = json.loads((RESULTS / "candidate_throughput.json").read_text())["results"]
+        rows = [r for r in last["rows"] if r["run"].startswith("evomerge")]
+        raw = {k: v for k, v in last["raw"].items() if k.startswith("evomerge")}
+    for evaluator in ("lm_eval", "accuracy") if not args.peer_only else ():
         for w in args.workers:
             label = f"evomerge {evaluator} x{w}"
             job = toy_job(suite, args.work / f"evomerge_{evaluator}_{w}", evaluator=evaluator,

@@ -4,6 +4,7 @@ On the small toy suite (base + reverse/sort/swap experts; fitness = mean exact m
 ``--limit`` validation examples per task, held-out = the full test splits), over ``--seeds``:
 
 - CMA-ES on per-model TIES coefficients (1 layer group) and per-layer ones (every layer);
+  optional (``--methods "cmaes per-layer TA"``): CMA-ES on per-layer task-arithmetic weights;
 - NSGA-II and random search on the per-layer space; every search starts with evomerge's baselines;
 - grid-searched task arithmetic (shared lambda, 11 points) and TIES (shared weight = lambda with
   ``normalize: false``, and density; 5 x 5) -- ``per_model: false``, ``grid`` sampler;
@@ -51,6 +52,8 @@ def searches(layers: int) -> dict[str, dict[str, Any]]:
     return {
         "cmaes per-model": {"space": per_model, "sampler": cma, "seeded": True},
         "cmaes per-layer": {"space": per_layer, "sampler": cma, "seeded": True},
+        "cmaes per-layer TA": {"space": {**per_layer, "method": "task_arithmetic"},
+                               "sampler": cma, "seeded": True, "optional": True},
         "nsga2 per-layer": {"space": per_layer, "seeded": True,
                             "sampler": {"name": "nsga2", "population_size": 8}},
         "random per-layer": {"space": per_layer, "sampler": {"name": "random"}, "seeded": True},
@@ -61,18 +64,26 @@ def searches(layers: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def run_evomerge(job_dict: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run one search in this process (Ray already started); trials in completion order."""
+def run_evomerge(job_dict: dict[str, Any], *, reuse: bool = False) -> list[dict[str, Any]]:
+    """Run one search in this process (Ray already started); trials in completion order.
+
+    ``reuse``: read a finished search already in the run folder instead of running it again.
+    """
     import shutil
 
     from bench.candidate_throughput import read_trials
     from evomerge.config import parse_job
     from evomerge.driver import run_search
 
-    shutil.rmtree(job_dict["run_dir"], ignore_errors=True)
+    run_dir = Path(job_dict["run_dir"])
+    if reuse and (run_dir / "job.yaml").exists():
+        rows = [r for r in read_trials(run_dir) if r["state"] == "COMPLETE"]
+        if len(rows) >= job_dict["search"]["trials"]:
+            return sorted(rows, key=lambda r: r["end"])
+    shutil.rmtree(run_dir, ignore_errors=True)
     _no_grid_stop()
     run_search(parse_job(job_dict), progress=False)
-    rows = [r for r in read_trials(Path(job_dict["run_dir"])) if r["state"] == "COMPLETE"]
+    rows = [r for r in read_trials(run_dir) if r["state"] == "COMPLETE"]
     return sorted(rows, key=lambda r: r["end"])
 
 
@@ -168,9 +179,8 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
                   evaluator="accuracy", limit=args.limit, workers=args.workers,
                   trials=spec.get("trials", args.evals), layer_groups=1, sampler=sampler,
                   space=spec["space"], baselines=spec.get("baselines", True))
-    t0 = time.time()
-    rows = run_evomerge(job)
-    seconds = time.time() - t0
+    rows = run_evomerge(job, reuse=args.reuse)
+    seconds = rows[-1]["end"] - min(r["start"] for r in rows)  # first start to last result
     values = [r["value"] for r in rows]
     tests = [(m, held.recipe(rows[i]["recipe"])) for m, i in incumbents(values, args.every)]
     return record(label, seed, values, tests, seconds)
@@ -246,17 +256,18 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["method"]: r for r in rows}
     grid = max((by[m]["test"] for m in ("grid TA", "grid TIES") if m in by), default=None)
     out: dict[str, Any] = {"grid_best_test": grid}
-    for m in ("cmaes per-model", "cmaes per-layer"):
+    searched = ("cmaes per-model", "cmaes per-layer", "cmaes per-layer TA")
+    for m in searched:
         if m in by and grid is not None:
             out[f"{m} beats grid on test"] = by[m]["test"] > grid
     pk = by.get("mergekit-evolve")
-    for m in ("cmaes per-model", "cmaes per-layer"):
+    for m in searched:
         if pk and m in by and pk["evals_to_95"] and by[m]["evals_to_95"]:
             out[f"{m} evals_to_95 / peer"] = by[m]["evals_to_95"] / pk["evals_to_95"]
     return out
 
 
-def plot(runs: list[dict[str, Any]], subtitle: str) -> Path:
+def plot(runs: list[dict[str, Any]], subtitle: str, name: str) -> Path:
     fig, (ax_fit, ax_test) = new_figure(2)
     for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
         rs = [r for r in runs if r["method"] == method]
@@ -278,7 +289,7 @@ def plot(runs: list[dict[str, Any]], subtitle: str) -> Path:
     ax_fit.set(xlabel="evaluations", ylabel="best validation fitness (mean of seeds, min-max)")
     ax_test.set(xlabel="evaluations", ylabel="test accuracy of the incumbent (mean of seeds)")
     ax_test.legend(fontsize=7)
-    return save_figure(fig, "search_quality", subtitle=subtitle)
+    return save_figure(fig, name, subtitle=subtitle)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-venv", type=Path, default=peer.DEFAULT_VENV)
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--quick", action="store_true", help="16 evaluations, 2 seeds, no peer")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished searches found in --work (held-out is rescored)")
+    p.add_argument("--peer-seeds", type=int, help="mergekit-evolve seeds (default: --seeds)")
+    p.add_argument("--name", default="search_quality", help="results/<name>.json and .png")
     args = p.parse_args(argv)
     if args.quick:
         args.evals, args.seeds, args.skip_peer, args.every = 16, 2, True, 4
@@ -307,11 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     held = HeldOut(args.suite)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for attempt in range(3):  # a loaded machine can time the local node's startup out
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            break
+        except Exception as err:  # ray raises a bare Exception here
+            if attempt == 2 or "timed out" not in str(err):
+                raise
+            time.sleep(30)
     want = set(args.methods or [])
     runs: list[dict[str, Any]] = []
     for label, spec in searches(num_layers(args.suite)).items():
-        if want and label not in want:
+        if (want and label not in want) or (not want and spec.get("optional")):
             continue
         for seed in range(args.seeds if spec["seeded"] else 1):
             runs.append(run_one(label, spec, seed, args, held))
@@ -322,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_adamerging(args, held, seed))
             _log(runs[-1])
     if not args.skip_peer and (not want or "mergekit-evolve" in want):
-        for seed in range(args.seeds):
+        for seed in range(args.peer_seeds or args.seeds):
             r = run_peer(args, held, seed)
             if r:
                 runs.append(r)
@@ -333,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, cols))
     goal = targets(rows)
     print(json.dumps(goal, indent=1))
-    png = plot(runs, f"toy suite small, {args.evals} evaluations, {args.seeds} seeds")
+    png = plot(runs, f"toy suite small, {args.evals} evaluations, {args.seeds} seeds", args.name)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    path = write_json("search_quality", settings=settings, info=info,
+    path = write_json(args.name, settings=settings, info=info,
                       results={"summary": rows, "targets": goal, "runs": runs})
     print(f"wrote {path} and {png}", file=sys.stderr)
     return 0
