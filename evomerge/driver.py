@@ -72,11 +72,21 @@ def run_search(
     for r in rerun:
         study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
     with WorkerPool(job, address=address, worker_class=worker_class) as pool:
+        _check_layer_groups(job, pool.info[0].get("num_layers"))
         Loop(job, study, space, pool, progress=progress).run()
         from evomerge.heldout import held_out_phase
 
         held_out_phase(job, study, pool)
     return study
+
+
+def _check_layer_groups(job: JobConfig, num_layers: int | None) -> None:
+    groups = getattr(job.search.space, "layer_groups", 1)
+    if num_layers is not None and groups > num_layers:
+        raise ValueError(
+            f"search.space.layer_groups is {groups} but the models have {num_layers} layers; "
+            f"use at most {num_layers}"
+        )
 
 
 class Loop:

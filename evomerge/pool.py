@@ -48,7 +48,7 @@ class WorkerPool:
         import ray
 
         try:
-            ray.get([a.ping.remote() for a in self.actors])
+            self.info = ray.get([a.ping.remote() for a in self.actors])
         except Exception as err:  # the worker's own error, e.g. a missing model path
             self.close()
             raise RuntimeError(f"a worker failed to start: {_cause(err)}") from None

@@ -18,6 +18,7 @@ def make_cmaes(
 ) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():  # separable CMA is flagged experimental, and is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # sigma0: deprecated, still honoured
         return optuna.samplers.CmaEsSampler(
             sigma0=cfg.sigma0,
             popsize=cfg.popsize,

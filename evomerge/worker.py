@@ -39,7 +39,7 @@ class MergeWorker:
         self.load_s = time.perf_counter() - t0
 
     def ping(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "load_s": self.load_s}
+        return {"pid": os.getpid(), "load_s": self.load_s, "num_layers": self.workspace.num_layers}
 
     def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
         return self._run(recipe_json, self.evaluators, fraction)
