@@ -125,7 +125,9 @@ def generate(
 
     Prompts are sorted by length so a batch pads little; the output keeps the input order.
     """
-    enc = [tokenizer(p)["input_ids"] for p in prompts]
+    if not prompts:
+        return []
+    enc = tokenizer(list(prompts))["input_ids"]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     out: list[str] = [""] * len(enc)
     for lo in range(0, len(order), batch_size):
@@ -150,6 +152,7 @@ def _greedy_batch(
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     eos = tokenizer.eos_token_id
+    tail = max((len(s) for s in stop), default=0)
     new = torch.empty((len(seqs), 0), dtype=torch.long, device=ids.device)
     done = torch.zeros(len(seqs), dtype=torch.bool, device=ids.device)
     step_ids = ids
@@ -162,8 +165,9 @@ def _greedy_batch(
         new = torch.cat([new, nxt[:, None]], dim=1)
         if eos is not None:
             done |= nxt == eos
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        done |= torch.tensor([_cut(t, stop)[1] for t in texts], device=done.device)
+        if tail:  # a stop string ends in the last ``tail`` tokens (each >= 1 character)
+            texts = tokenizer.batch_decode(new[:, -tail:], skip_special_tokens=True)
+            done |= torch.tensor([_cut(t, stop)[1] for t in texts], device=done.device)
         if bool(done.all()):
             break
         step_ids = nxt[:, None]
