@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bench import mergekit_evolve as peer  # noqa: E402
-from bench.common import RESULTS, format_table, machine, write_json  # noqa: E402
+from bench.common import format_table, machine, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,7 +199,8 @@ def evomerge_summary(label: str, res: dict[str, Any]) -> dict[str, Any]:
     ev = sum(r.get("eval_s", 0) for r in rows) / n
     wall = sum(r.get("wall_s", 0) for r in rows) / n
     return {"run": label, "evals": n, "evals_per_min": rate,
-            "e2e_per_min": 60 * n / res["wall_s"], "wall_s": res["wall_s"],
+            "e2e_per_min": 60 * n / res["wall_s"] if res["wall_s"] else None,
+            "wall_s": res["wall_s"],
             "merge_s": merge, "eval_s": ev, "other_s": wall - merge - ev,
             "best": max(r["value"] for r in rows)}
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-venv", type=Path, default=peer.DEFAULT_VENV)
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--peer-only", action="store_true",
-                   help="run only the peer; evomerge rows come from the last results JSON")
+                   help="run only the peer; evomerge rows from the journals under --work")
     p.add_argument("--no-in-memory", action="store_true", help="skip the peer's --in-memory run")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layer-groups", type=int, default=2)
@@ -237,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     rows, raw = [], {}
     if args.peer_only:
-        last = json.loads((RESULTS / "candidate_throughput.json").read_text())["results"]
-        rows = [r for r in last["rows"] if r["run"].startswith("evomerge")]
-        raw = {k: v for k, v in last["raw"].items() if k.startswith("evomerge")}
+        for evaluator in ("lm_eval", "accuracy"):  # the searches' journals under --work
+            for w in args.workers:
+                label = f"evomerge {evaluator} x{w}"
+                trials = read_trials(args.work / f"evomerge_{evaluator}_{w}")
+                run: dict[str, Any] = {"wall_s": None, "trials": trials}
+                raw[label] = run
+                rows.append(evomerge_summary(label, run))
     for evaluator in ("lm_eval", "accuracy") if not args.peer_only else ():
         for w in args.workers:
             label = f"evomerge {evaluator} x{w}"
@@ -288,7 +293,8 @@ def ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best = max(peers, key=lambda r: r["evals_per_min"])
     return [{"evomerge": r["run"], "peer": best["run"],
              "ratio": r["evals_per_min"] / best["evals_per_min"],
-             "ratio_e2e": r["e2e_per_min"] / best["e2e_per_min"], "target": 10.0}
+             "ratio_e2e": r["e2e_per_min"] / best["e2e_per_min"] if r["e2e_per_min"] else None,
+             "target": 10.0}
             for r in rows if r["run"].startswith("evomerge")]
 
 
