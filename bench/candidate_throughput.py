@@ -208,7 +208,7 @@ def evomerge_summary(label: str, res: dict[str, Any]) -> dict[str, Any]:
 def peer_summary(label: str, res: dict[str, Any]) -> dict[str, Any]:
     rows = res["candidates"]
     return {"run": label, "evals": len(rows), "evals_per_min": peer.steady_rate(rows),
-            "e2e_per_min": 60 * len(rows) / res["wall_s"] if rows else None,
+            "e2e_per_min": 60 * len(rows) / res["wall_s"] if rows and res["wall_s"] else None,
             "wall_s": res["wall_s"], "best": max((r["score"] for r in rows), default=None),
             "rc": res["rc"]}
 
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-workers", type=int, nargs="+", default=[1])
     p.add_argument("--peer-venv", type=Path, default=peer.DEFAULT_VENV)
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--reuse-peer", action="store_true",
+                   help="read the peer's candidate logs already in --work instead of running it")
     p.add_argument("--peer-only", action="store_true",
                    help="run only the peer; evomerge rows from the journals under --work")
     p.add_argument("--no-in-memory", action="store_true", help="skip the peer's --in-memory run")
@@ -264,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         for w in args.peer_workers:
             for mem in modes:
                 label = f"mergekit-evolve x{w}" + (" in-memory" if mem else "")
-                res = peer.run_peer(py, cfg, tasks, args.work / label.replace(" ", "_"),
-                                    fevals=args.peer_fevals, workers=w, in_memory=mem,
-                                    popsize=8)
+                out = args.work / label.replace(" ", "_")
+                if args.reuse_peer and (out / "candidates.jsonl").exists():
+                    lines = (out / "candidates.jsonl").read_text().splitlines()
+                    res = {"rc": 0, "wall_s": None, "candidates": [json.loads(x) for x in lines]}
+                else:
+                    res = peer.run_peer(py, cfg, tasks, out, fevals=args.peer_fevals,
+                                        workers=w, in_memory=mem, popsize=8)
                 raw[label] = res
                 rows.append(peer_summary(label, res))
                 print(format_table(rows[-1:], list(rows[-1])), file=sys.stderr)
@@ -293,7 +299,8 @@ def ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     best = max(peers, key=lambda r: r["evals_per_min"])
     return [{"evomerge": r["run"], "peer": best["run"],
              "ratio": r["evals_per_min"] / best["evals_per_min"],
-             "ratio_e2e": r["e2e_per_min"] / best["e2e_per_min"] if r["e2e_per_min"] else None,
+             "ratio_e2e": r["e2e_per_min"] / best["e2e_per_min"]
+             if r["e2e_per_min"] and best["e2e_per_min"] else None,
              "target": 10.0}
             for r in rows if r["run"].startswith("evomerge")]
 
