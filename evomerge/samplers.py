@@ -66,7 +66,19 @@ def make_grid(cfg: GridConfig, space: dict[str, FloatDistribution]) -> optuna.sa
             "lower search.sampler.points or search a smaller space (per_model: false, "
             "layer_groups: 1)"
         )
-    return optuna.samplers.GridSampler(grid, seed=cfg.seed)
+    return _AskTellGridSampler(grid, seed=cfg.seed)
+
+
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for an ask/tell driver.
+
+    Optuna's ``after_trial`` calls ``study.stop()`` once the grid is used up, which raises
+    outside ``study.optimize``. The driver stops at ``search.trials`` instead (set it to the
+    grid size; past it the grid is revisited).
+    """
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        return None
 
 
 def make_sampler(cfg: Any, space: dict[str, FloatDistribution]) -> optuna.samplers.BaseSampler:

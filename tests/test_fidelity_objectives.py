@@ -45,3 +45,18 @@ def test_objective_without_producer_refused():
     check_objectives([Objective(metric="lm_eval/toy_sort/exact_match")], evs)
     with pytest.raises(ValueError, match="produced by no evaluator.*accuracy/add"):
         check_objectives([Objective(metric="accuracy/sort")], evs)
+
+
+def test_grid_sampler_works_ask_tell_past_exhaustion():
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.config import GridConfig
+    from evomerge.samplers import make_grid
+
+    dists = {"w": FloatDistribution(0.0, 1.0)}
+    study = optuna.create_study(sampler=make_grid(GridConfig(name="grid", points=3), dists))
+    for _ in range(4):  # Optuna's GridSampler would call study.stop() and raise here
+        trial = study.ask(dists)
+        study.tell(trial, trial.params["w"])
+    assert sorted(t.params["w"] for t in study.trials[:3]) == [0.0, 0.5, 1.0]
