@@ -22,12 +22,12 @@ def state_dicts(paths):
     return {name: load_file(str(p / "model.safetensors")) for name, p in paths.items()}
 
 
-def run(tiny_models, **kw):
+def run(tiny_models, positions="last", **kw):
     torch.set_num_threads(1)
     cfg = AdaMergingConfig(**{"steps": 12, "lr": 0.05, "batch_size": 6, **kw})
     experts = {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])}
     return adamerge(str(tiny_models["base"]), experts, cfg=cfg, unlabeled=PROMPTS,
-                    labeled=LABELED, eval_every=5, progress=False)
+                    labeled=LABELED, positions=positions, eval_every=5, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def layer_wise(tiny_models):
 def test_entropy_goes_down(layer_wise):
     entropies = [h["entropy"] for h in layer_wise.history]
     assert len(entropies) == 12
-    # every step sees all six prompts, so the values are comparable step to step
+    # every step scores the same six prompts' last tokens, so the values are comparable
     assert entropies[-1] < entropies[0] - 1e-3
     assert sum(b < a for a, b in zip(entropies, entropies[1:], strict=False)) >= 9
     vals = [h["step"] for h in layer_wise.history if "val_tf_match" in h]
@@ -53,13 +53,14 @@ def test_lambdas_are_per_layer_and_clamped(layer_wise):
 
 
 @pytest.mark.parametrize("kw", [
-    {"granularity": "task"}, {"granularity": "layer"},
-    {"granularity": "layer", "ties": True, "density": 0.4},
+    {"granularity": "task", "positions": "answer", "steps": 4}, {"granularity": "layer"},
+    {"granularity": "layer", "ties": True, "density": 0.4, "positions": "prompt"},
 ])
 def test_recipe_applied_by_the_engine_gives_the_same_weights(tiny_models, layer_wise, kw):
     result = layer_wise if kw == {"granularity": "layer"} else run(tiny_models, **kw)
     recipe = result.recipe
     assert recipe.method == ("ties" if kw.get("ties") else "task_arithmetic")
+    assert len(result.history) == kw.get("steps", 12)
     assert set(recipe.sources) == {"base", "a", "b"} and recipe.base_model == "base"
     paths = {n: tiny_models[n] for n in ("base", "a", "b")}
     engine = merge_state_dicts(recipe, state_dicts(paths), num_layers=4)
@@ -132,3 +133,23 @@ def test_run_adamerging_from_a_job(tiny_models, tmp_path):
     assert set(summary["metrics"]["fitness"]) == {"accuracy/rev", "entropy/rev"}
     assert set(summary["metrics"]["held_out"]) == {"accuracy/rev", "entropy/rev"}
     assert len(summary["history"]) == 3
+
+
+def test_scored_positions(tiny_models):
+    from evomerge.adamerging import load_models, scored_batch
+
+    model, tok, _ = load_models(str(tiny_models["base"]), {})
+    params = dict(model.named_parameters())
+    prompts = ["rev:abc>", "a"]
+    n = [len(tok(p)["input_ids"]) for p in prompts]
+    ids, pick = scored_batch(model, params, tok, prompts, "prompt")
+    assert pick.sum(1).tolist() == n and ids.shape == (2, max(n))
+    _, pick = scored_batch(model, params, tok, prompts, "last")
+    assert pick.sum(1).tolist() == [1, 1] and pick[0, n[0] - 1] == 1 and pick[1, n[1] - 1] == 1
+    ids, pick = scored_batch(model, params, tok, prompts, "answer")
+    for row, length in enumerate(n):
+        first = int(pick[row].nonzero()[0])
+        assert first == length - 1  # the last prompt token predicts the answer's first token
+        assert ids[row, : length].tolist() == tok(prompts[row])["input_ids"]
+    with pytest.raises(ValueError, match="positions"):
+        scored_batch(model, params, tok, prompts, "all")

@@ -108,6 +108,12 @@ def test_scores_the_configured_split(suite, ev):
     assert ev.num_examples == len(WORDS)
 
 
+def test_held_out_tasks_run_on_their_own_split(suite):
+    ev = LmEvalEvaluator(config(suite, held_out_tasks=("toy_rev",)), split="test")
+    assert ev.split is None  # the YAML's test_split
+    assert ev.evaluate(suite["model"], suite["tok"]) == {METRIC: 0.25}
+
+
 def test_limit(suite, ev):
     assert ev.evaluate(suite["model"], suite["tok"], limit=1) == {METRIC: 1.0}
     assert ev.evaluate(suite["model"], suite["tok"], limit=3) == {METRIC: pytest.approx(2 / 3)}
@@ -136,8 +142,8 @@ def test_unknown_split_and_path(suite, tmp_path):
 
 def test_unknown_task_lists_close_matches(suite):
     cfg = LmEvalConfig(name="lm_eval", tasks=("toy_rve",), include_path=str(suite["tasks"]))
-    with pytest.raises(ValueError, match=r"unknown lm_eval task 'toy_rve'.*Did you mean:.*toy_rev"
-                       ):
+    hint = r"unknown lm_eval task 'toy_rve'.*Did you mean:.*toy_rev"
+    with pytest.raises(ValueError, match=hint):
         LmEvalEvaluator(cfg)
 
 
