@@ -25,19 +25,23 @@ Entropy rewards confidence, not correctness: a labeled metric is tracked beside 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from evomerge.coefficients import layer_group, layer_index
 from evomerge.config import AdaMergingConfig, LoadConfig
-from evomerge.evaluators.entropy import entropy
+from evomerge.evaluators.entropy import (
+    Positions,
+    forward_with,
+    mean_entropy,
+    right_pad,
+    scored_batch,
+)
 from evomerge.recipe import Recipe
-
-Positions = Literal["prompt", "last", "answer"]
 
 
 @dataclass(frozen=True)
@@ -127,70 +131,6 @@ def to_recipe(
         parameters={"normalize": False, "lambda": 1.0},
         non_layer="first",
     )
-
-
-def forward_with(model: Any, params: Mapping[str, Tensor]) -> Callable[..., Any]:
-    """``model``'s forward with ``params`` in place of its own (``functional_call``)."""
-    return lambda **kw: torch.func.functional_call(model, dict(params), args=(), kwargs=kw)
-
-
-def scored_batch(
-    model: Any, params: Mapping[str, Tensor], tokenizer: Any, prompts: Sequence[str],
-    positions: Positions,
-) -> tuple[Tensor, Tensor]:
-    """Right-padded token ids and a 0/1 mask of the positions whose predictions are scored.
-
-    ``prompt``: every prompt token; ``last``: the last prompt token (it predicts the answer's
-    first token); ``answer``: the prompt followed by the merged model's own greedy answer and a
-    newline, scoring the positions that predict them.
-    """
-    seqs = [tokenizer(p)["input_ids"] for p in prompts]
-    if positions == "prompt":
-        spans = [(0, len(s)) for s in seqs]
-    elif positions == "last":
-        spans = [(len(s) - 1, len(s)) for s in seqs]
-    elif positions == "answer":
-        from evomerge.evaluators.accuracy import generate
-
-        with torch.no_grad():
-            answers = generate(_Functional(model, params), tokenizer, list(prompts),
-                               max_new_tokens=32, stop=("\n",))
-        tails = [tokenizer(a + "\n", add_special_tokens=False)["input_ids"] for a in answers]
-        spans = [(len(s) - 1, len(s) + len(t) - 1) for s, t in zip(seqs, tails, strict=True)]
-        seqs = [s + t for s, t in zip(seqs, tails, strict=True)]
-    else:
-        raise ValueError(f"positions must be 'prompt', 'last' or 'answer', got {positions!r}")
-    ids = right_pad(seqs, int(tokenizer.pad_token_id))
-    pick = torch.zeros_like(ids)
-    for i, (lo, hi) in enumerate(spans):
-        pick[i, lo:hi] = 1
-    return ids, pick
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> Tensor:
-    """Token lists as one right-padded ``(B, T)`` tensor."""
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids
-
-
-class _Functional:
-    """Looks like the model to a generation loop but runs with the given parameters."""
-
-    def __init__(self, model: Any, params: Mapping[str, Tensor]) -> None:
-        self.device = model.device
-        self._forward = forward_with(model, {k: v.detach() for k, v in params.items()})
-
-    def __call__(self, **kwargs: Any) -> Any:
-        return self._forward(**kwargs)
-
-
-def mean_entropy(model: Any, params: Mapping[str, Tensor], ids: Tensor, pick: Tensor) -> Tensor:
-    """Mean entropy of the predictions at the ``pick`` positions of right-padded ``ids``
-    (padding comes after every picked position, so causal attention needs no mask)."""
-    h = entropy(forward_with(model, params)(input_ids=ids).logits)
-    return (h * pick).sum() / pick.sum()
 
 
 def teacher_forced_match(

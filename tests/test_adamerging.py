@@ -136,7 +136,8 @@ def test_run_adamerging_from_a_job(tiny_models, tmp_path):
 
 
 def test_scored_positions(tiny_models):
-    from evomerge.adamerging import load_models, scored_batch
+    from evomerge.adamerging import load_models
+    from evomerge.evaluators.entropy import scored_batch
 
     model, tok, _ = load_models(str(tiny_models["base"]), {})
     params = dict(model.named_parameters())
