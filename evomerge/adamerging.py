@@ -309,10 +309,12 @@ def run_adamerging(job: Any, *, progress: bool = True) -> AdaMergingResult:
     )
     metrics: dict[str, dict[str, float]] = {"fitness": {}, "held_out": {}}
     for ev_cfg in job.evaluators:
-        runs = [("fitness", None)] + [("held_out", ev_cfg.held_out_split)] * has_held_out(ev_cfg)
-        for part, split in runs:
-            ev = build_evaluator(ev_cfg, split=split)
-            metrics[part].update(ev.evaluate(result.model, result.tokenizer))
+        held_out = "test" if ev_cfg.name == "lm_eval" else (
+            ev_cfg.held_out_split if has_held_out(ev_cfg) else None)
+        for part, split in (("fitness", None), ("held_out", held_out)):
+            if part == "fitness" or split is not None:
+                ev = build_evaluator(ev_cfg, split=split)
+                metrics[part].update(ev.evaluate(result.model, result.tokenizer))
     out = job.resolved_run_dir / "adamerging"
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(result.recipe.to_yaml())

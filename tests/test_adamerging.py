@@ -121,7 +121,7 @@ def test_run_adamerging_from_a_job(tiny_models, tmp_path):
         "models": {"base": {"path": str(tiny_models["base"])},
                    "experts": {"a": {"path": str(tiny_models["a"])}}},
         "evaluators": [{"name": "accuracy", "data": str(data), "max_new_tokens": 4},
-                       {"name": "entropy", "data": str(data)}],
+                       {"name": "entropy", "data": str(data)}, {"name": "cost"}],
         "objectives": [{"metric": "accuracy/rev"}],
         "adamerging": {"granularity": "task", "steps": 3, "lr": 0.05},
     })
@@ -130,7 +130,8 @@ def test_run_adamerging_from_a_job(tiny_models, tmp_path):
     assert (out / "recipe.yaml").read_text() == result.recipe.to_yaml()
     summary = json.loads((out / "result.json").read_text())
     assert summary["lambdas"]["a"] == list(result.lambdas["a"])
-    assert set(summary["metrics"]["fitness"]) == {"accuracy/rev", "entropy/rev"}
+    assert set(summary["metrics"]["fitness"]) == {
+        "accuracy/rev", "entropy/rev", "cost/params", "cost/layers"}
     assert set(summary["metrics"]["held_out"]) == {"accuracy/rev", "entropy/rev"}
     assert len(summary["history"]) == 3
 
