@@ -53,7 +53,7 @@ class MergeWorker:
         from evomerge.evaluators.base import build_evaluator
 
         return [
-            build_evaluator(cfg, split=getattr(cfg, "held_out_split", None))
+            build_evaluator(cfg, split=getattr(cfg, "held_out_split", "test"))
             for cfg in self.job.evaluators
             if has_held_out(cfg)
         ]
@@ -83,7 +83,10 @@ def _limit(evaluator: Any, fraction: float) -> int | None:
 
 
 def has_held_out(cfg: Any) -> bool:
-    """A held-out split exists for folder data (``{data}/{split}.jsonl``), not for one file."""
+    """A held-out split exists for folder data (``{data}/{split}.jsonl``), not for one file;
+    lm_eval tasks are re-run on their test split (or on ``held_out_tasks``)."""
+    if getattr(cfg, "name", None) == "lm_eval":
+        return True
     split = getattr(cfg, "held_out_split", None)
     data = getattr(cfg, "data", None)
     return bool(split) and data is not None and Path(data).is_dir()
