@@ -1,0 +1,280 @@
+"""Driver overhead: trials/s the real search driver sustains with many simulated workers.
+
+``evomerge.driver.run_search`` runs unchanged with ``worker_class=SleepWorker``: real Ray actors
+(``resources.num_cpus`` tiny) whose ``evaluate`` sleeps a fixed time and returns a deterministic
+metric computed from the recipe. Ideal throughput is ``workers / sleep_s`` trials/s; overhead is
+``1 - measured / ideal``. *Sustained* counts the trials completed between the end of the first
+and the start of the last generation (pipeline full); *end to end* runs from the first trial's
+start to the last trial's end (baselines, ramp-up and ramp-down included; actor start-up not).
+
+    python bench/driver_overhead.py                 # 8 and 32 workers, ~8 minutes on 2 busy cores
+    python bench/driver_overhead.py --workers 128 --storages journal --profile \
+        --out driver_overhead_128                   # 128 actors (~9 GB, minutes to start)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import storage_cost  # noqa: E402
+from bench.common import format_table, machine, new_figure, save_figure, write_json  # noqa: E402
+from bench.profile_driver import PySpy  # noqa: E402
+
+NAME = "driver_overhead"
+METRIC = "entropy/tiny"
+COLUMNS = ["storage", "sampler", "workers", "trials", "ideal_per_s", "sustained_per_s",
+           "overhead_pct", "e2e_per_s", "e2e_overhead_pct", "driver_cpu_ms_per_trial", "start_s",
+           "workers_uss_gb"]
+
+
+def sleep_worker_class(sleep_s: float) -> type:
+    """A class with :class:`evomerge.worker.MergeWorker`'s methods that only sleeps."""
+
+    class SleepWorker:
+        def __init__(self, job_json: str) -> None:
+            self.sleep_s = sleep_s
+
+        def ping(self) -> dict[str, Any]:
+            return {"pid": os.getpid(), "load_s": 0.0}
+
+        def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
+            time.sleep(self.sleep_s)
+            return {"metrics": {METRIC: score(recipe_json)}, "merge_s": 0.0,
+                    "eval_s": self.sleep_s, "pid": os.getpid()}
+
+        def evaluate_held_out(self, recipe_json: str) -> dict[str, Any]:
+            return self.evaluate(recipe_json)
+
+    return SleepWorker
+
+
+def score(recipe_json: str) -> float:
+    """Deterministic: mean squared distance of the recipe's coefficients from 0.4."""
+    values: list[float] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, float):
+            values.append(x)
+
+    walk(json.loads(recipe_json).get("models", {}))
+    return sum((v - 0.4) ** 2 for v in values) / max(1, len(values))
+
+
+def make_job(root: Path, *, name: str, workers: int, trials: int, sampler: str,
+             experts: int, groups: int) -> Any:
+    from evomerge.config import JobConfig
+
+    data = root / "tiny.jsonl"
+    if not data.exists():
+        data.write_text('{"prompt": "abc"}\n')
+    return JobConfig.model_validate({
+        "name": name, "run_dir": str(root / name),
+        "models": {"base": {"path": "dummy/base"},
+                   "experts": {f"x{i}": {"path": f"dummy/x{i}"} for i in range(experts)}},
+        "search": {"space": {"name": "parameter", "method": "task_arithmetic",
+                             "layer_groups": groups},
+                   "sampler": {"name": sampler}, "trials": trials, "held_out_top_k": 0},
+        "evaluators": [{"name": "entropy", "data": str(data)}],
+        "objectives": [{"metric": METRIC, "direction": "minimize"}],
+        "resources": {"workers": workers, "num_cpus": 0.01},
+    })
+
+
+class ActorMemory(threading.Thread):
+    """Once all ``workers`` ray::SleepWorker processes exist, sum their RSS and USS (USS counts
+    only pages private to the process), and the rise of system memory in use."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.psutil, self.workers = psutil, workers
+        self.stop = threading.Event()
+        self.base_used = psutil.virtual_memory().used
+        self.result: dict[str, Any] = {}
+
+    def _actors(self) -> list[Any]:
+        return [p for p in self.psutil.process_iter(["cmdline"])
+                if (p.info["cmdline"] or [""])[0].startswith("ray::SleepWorker")]
+
+    def run(self) -> None:
+        while not self.stop.wait(2.0):
+            actors = self._actors()
+            if len(actors) < self.workers:
+                continue
+            rss = uss = 0
+            for p in actors:
+                try:
+                    info = p.memory_full_info()
+                except self.psutil.Error:
+                    continue
+                rss, uss = rss + info.rss, uss + info.uss
+            used = self.psutil.virtual_memory().used - self.base_used
+            self.result = {"actors_seen": len(actors), "workers_rss_gb": rss / 2**30,
+                           "workers_uss_gb": uss / 2**30, "mem_used_gb": used / 2**30,
+                           "uss_mb_per_actor": uss / 2**20 / len(actors)}
+            return
+
+
+def rates(study: Any, workers: int, sleep_s: float) -> dict[str, float]:
+    """Sustained and end-to-end trials/s from the stored trial timestamps."""
+    trials = [t for t in study.trials if t.datetime_complete is not None]
+    ends = sorted(t.datetime_complete.timestamp() for t in trials)
+    start = min(t.datetime_start.timestamp() for t in trials)
+    n = len(ends)
+    lo, hi = workers, n - workers - 1
+    ideal = workers / sleep_s
+    out = {"trials": n, "ideal_per_s": ideal, "e2e_per_s": n / (ends[-1] - start)}
+    out["sustained_per_s"] = (hi - lo) / (ends[hi] - ends[lo]) if hi > lo else out["e2e_per_s"]
+    out["overhead_pct"] = 100 * (1 - out["sustained_per_s"] / ideal)
+    out["e2e_overhead_pct"] = 100 * (1 - out["e2e_per_s"] / ideal)
+    out["loop_s"] = ends[-1] - start
+    return out
+
+
+def run_one(args: argparse.Namespace, root: Path, storage: str, sampler: str, workers: int,
+            profile: bool = False) -> dict[str, Any]:
+    from evomerge.driver import run_search
+
+    name = f"ovh-{storage}-{sampler}-{workers}"
+    trials = max(args.generations * workers, args.min_trials)
+    job = make_job(root, name=name, workers=workers, trials=trials, sampler=sampler,
+                   experts=args.experts, groups=args.groups)
+    url = f"sqlite:///{root / name}.db" if storage == "sqlite" else None
+    mem = ActorMemory(workers)
+    mem.start()
+    spy = PySpy(root / f"{name}.raw", rate=args.profile_rate) if profile else None
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    with spy or nullcontext(), blas_limit(args.blas_threads):
+        study = run_search(job, storage_url=url, progress=False,
+                           worker_class=sleep_worker_class(args.sleep))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    mem.stop.set()
+    mem.join()
+    row: dict[str, Any] = {"storage": storage, "sampler": sampler, "workers": workers}
+    row.update(rates(study, workers, args.sleep))
+    row["start_s"] = wall - row["loop_s"]  # ray actors + study creation + held-out phase
+    row["driver_cpu_ms_per_trial"] = 1000 * cpu / row["trials"]
+    row.update(mem.result)
+    if spy is not None:
+        row["profile"] = spy.summary()
+    return row
+
+
+def blas_limit(threads: int | None) -> Any:
+    """Limit numpy's BLAS threads in the driver (CMA-ES runs eigh per ask), or do nothing."""
+    if threads is None:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=threads)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--storages", nargs="+", default=["journal", "sqlite"],
+                   choices=["journal", "sqlite"])
+    p.add_argument("--samplers", nargs="+", default=["cmaes", "random"])
+    p.add_argument("--sleep", type=float, default=1.0, help="seconds per simulated evaluation")
+    p.add_argument("--generations", type=int, default=4, help="trials = generations * workers")
+    p.add_argument("--min-trials", type=int, default=32)
+    p.add_argument("--sqlite-max-workers", type=int, default=8,
+                   help="skip SQLite runs above this many workers (it caps at ~2 trials/s here)")
+    p.add_argument("--blas-threads", type=int, help="threadpoolctl limit in the driver")
+    p.add_argument("--cost-trials", type=int, default=30,
+                   help="trials of the Ray-free storage micro-benchmark (0: skip)")
+    p.add_argument("--out", default=NAME, help="name of the JSON/PNG in bench/results")
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--groups", type=int, default=8, help="layer groups: experts*groups params")
+    p.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--profile", action="store_true", help="py-spy the driver in every run")
+    p.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import ray
+
+    args = parse_args(argv)
+    info = machine()
+    costs = []
+    if args.cost_trials:
+        with blas_limit(args.blas_threads):
+            costs = storage_cost.run(args.cost_trials, args.experts * args.groups,
+                                     ["journal", "sqlite", "memory"], args.samplers)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, object_store_memory=256 * 2**20)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="evomerge_ovh_") as tmp:
+            for workers in args.workers:
+                for storage in args.storages:
+                    if storage == "sqlite" and workers > args.sqlite_max_workers:
+                        continue
+                    for sampler in args.samplers:
+                        row = run_one(args, Path(tmp), storage, sampler, workers, args.profile)
+                        print(format_table([row], COLUMNS), flush=True)
+                        rows.append(row)
+    finally:
+        ray.shutdown()
+    print(format_table(rows, COLUMNS))
+    settings = {**vars(args), "space": f"task_arithmetic, {args.experts} experts x "
+                f"{args.groups} layer groups = {args.experts * args.groups} parameters",
+                "ideal": "workers / sleep trials/s",
+                "memory": "summed RSS and USS (private pages) of the ray::SleepWorker processes "
+                          "once all had started; mem_used_gb: rise of system memory in use",
+                "storage_cost": "bench/storage_cost.py: the driver's Optuna calls per trial, "
+                                "no Ray (ask = one storage write per parameter)"}
+    if costs:
+        print(format_table(costs, storage_cost.COLUMNS))
+    results = {"runs": rows, "storage_cost_per_trial": costs}
+    print("wrote", write_json(args.out, settings=settings, results=results, info=info))
+    print("wrote", plot(rows, args))
+
+
+def plot(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
+    fig, (ax1, ax2) = new_figure(2)
+    for storage in args.storages:
+        for sampler in args.samplers:
+            sel = [r for r in rows if r["storage"] == storage and r["sampler"] == sampler]
+            if not sel:
+                continue
+            ws = [r["workers"] for r in sel]
+            label = f"{storage} / {sampler}"
+            ax1.plot(ws, [r["sustained_per_s"] for r in sel], marker="o", label=label)
+            ax2.plot(ws, [r["overhead_pct"] for r in sel], marker="o", label=label)
+    ws = sorted({r["workers"] for r in rows})
+    ax1.plot(ws, [w / args.sleep for w in ws], ls=":", color="grey", label="ideal")
+    ax2.axhline(2.0, ls=":", color="grey", label="2% target")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xticks(ws, [str(w) for w in ws])
+        ax.minorticks_off()
+    ax1.set(xlabel="workers", ylabel="trials/s (sustained)", yscale="log")
+    ax2.set(xlabel="workers", ylabel="overhead % of ideal")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    return save_figure(fig, args.out, subtitle=f"{args.sleep:g} s simulated evaluations")
+
+
+if __name__ == "__main__":
+    main()
