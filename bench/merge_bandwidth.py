@@ -14,8 +14,8 @@ per-layer coefficients and K experts, it times:
   output folder (the I/O a per-candidate mergekit search pays; files are in the page cache), and
   its in-memory ``merge_state_dicts`` on preloaded state dicts.
 
-    python bench/merge_bandwidth.py                 # CPU, K = 2, ~5 minutes on 2 busy cores
-    python bench/merge_bandwidth.py --ks 2 4 8      # the full table (~40 minutes there)
+    python bench/merge_bandwidth.py                 # CPU, K = 2: ~9 minutes on 2 busy cores
+    python bench/merge_bandwidth.py --ks 2 4 8      # the full table (~45 minutes there)
     python bench/merge_bandwidth.py --device cuda --ks 2 4 8 --reps 10
 """
 
@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,7 +108,7 @@ def bench_workspace(method: str, paths: dict[str, str], k: int, args, layers: in
     sources = {"base": paths["base"], **{f"e{i}": paths[f"e{i}"] for i in range(k)}}
     ws = Workspace(sources, "base", load=LoadConfig(dtype=args.dtype, device=args.device))
     sync = sync_for(args.device)
-    first = timed(lambda w=ws: w.apply(make_recipe(method, paths, k, layers, 0)), sync=sync)
+    first = timed(partial(ws.apply, make_recipe(method, paths, k, layers, 0)), sync=sync)
     params = list(ws.model.parameters())
     numel = sum(p.numel() for p in params)
     moved = (k + 2) * numel * params[0].element_size()
@@ -116,7 +117,7 @@ def bench_workspace(method: str, paths: dict[str, str], k: int, args, layers: in
     times, copy_times = [], []
     for rep in range(1, args.reps + 1):
         recipe = make_recipe(method, paths, k, layers, rep)
-        times.append(timed(lambda r=recipe, w=ws: w.apply(r), sync=sync))
+        times.append(timed(partial(ws.apply, recipe), sync=sync))
         copy_times.append(timed(copy, sync=sync))
     del ws, params, copy
     gc.collect()
@@ -144,7 +145,7 @@ def bench_mergekit(method: str, paths: dict[str, str], k: int, args, layers: int
         options = MergeOptions(device=args.device, quiet=True, write_model_card=False,
                                random_seed=rep)
         with tempfile.TemporaryDirectory(prefix="mk_out_") as tmp:
-            io_times.append(timed(lambda c=config, o=options, t=tmp: run_merge(c, t, o)))
+            io_times.append(timed(partial(run_merge, config, tmp, options)))
     out["mk_io_s"], out["mk_io_all_s"] = median(io_times), io_times
     names = ["base", *(f"e{i}" for i in range(k))]
     dtype = getattr(torch, args.dtype)
@@ -155,9 +156,8 @@ def bench_mergekit(method: str, paths: dict[str, str], k: int, args, layers: int
     for rep in range(1, args.mergekit_reps + 1):
         recipe = make_recipe(method, paths, k, layers, rep)
         params = mergekit_params(recipe, list(sds["base"]), layers)
-        mem_times.append(timed(
-            lambda p=params, s=sds: merge_state_dicts(s, method, parameters=p, base="base"),
-            sync=sync_for(args.device)))
+        merge = partial(merge_state_dicts, sds, method, parameters=params, base="base")
+        mem_times.append(timed(merge, sync=sync_for(args.device)))
     out["mk_mem_s"], out["mk_mem_all_s"] = median(mem_times), mem_times
     del sds
     gc.collect()
@@ -175,6 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared box)")
     p.add_argument("--size", default="100m", choices=["100m", "10m"], help="model size")
     p.add_argument("--models-dir", help="keep the saved models here (default: a temp dir)")
+    p.add_argument("--out", default=NAME, help="name of the JSON/PNG in bench/results")
     return p.parse_args(argv)
 
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 "copy": "per-tensor dst.copy_(src), model shapes, same bytes (read + write)",
                 "mergekit_io": "run_merge from safetensors folders (page cache) to a temp dir",
                 "mergekit_mem": "mergekit.merge_methods.api.merge_state_dicts on loaded dicts"}
-    print("wrote", write_json(NAME, settings=settings, results=rows, info=info))
+    print("wrote", write_json(args.out, settings=settings, results=rows, info=info))
     print("wrote", plot(rows, args))
 
 
@@ -237,7 +238,8 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
             title="time per candidate")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=6)
-    return save_figure(fig, NAME, subtitle=f"{args.device} {args.dtype}, {args.threads} thread(s)")
+    subtitle = f"{args.device} {args.dtype}, {args.threads} thread(s)"
+    return save_figure(fig, args.out, subtitle=subtitle)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 
 from evomerge.recipe import Recipe
 
-SIZES = {
+SIZES: dict[str, dict[str, Any]] = {
     # ~101M parameters: 12 x 6.3M decoder layers + 2 x 12.6M embedding / head (untied)
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=12, num_key_value_heads=4, vocab_size=16384),

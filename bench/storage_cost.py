@@ -21,7 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import optuna  # noqa: E402
-from optuna.distributions import FloatDistribution  # noqa: E402
+from optuna.distributions import BaseDistribution, FloatDistribution  # noqa: E402
 
 from bench.common import format_table  # noqa: E402
 
@@ -54,7 +54,9 @@ def per_trial_cost(storage: Any, *, sampler: str, trials: int, params: int,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, sampler=sampler_for(sampler),
                                 direction="minimize", study_name=f"cost-{sampler}")
-    dists = {f"w/x{i % 4}/{i // 4}": FloatDistribution(0.0, 1.0) for i in range(params)}
+    dists: dict[str, BaseDistribution] = {
+        f"w/x{i % 4}/{i // 4}": FloatDistribution(0.0, 1.0) for i in range(params)
+    }
     spent = dict.fromkeys(PHASES, 0.0)
     done = 0
     while done < trials:
