@@ -111,6 +111,13 @@ class Loop:
         )
 
     def run(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        # CMA-ES's eigh on a small matrix is ~50x slower on multithreaded BLAS (measured)
+        with threadpool_limits(1):
+            self._run()
+
+    def _run(self) -> None:
         try:
             while True:
                 self._fill()
