@@ -69,8 +69,10 @@ def run_search(
     if not study.trials and job.search.baselines:
         for name, params in space.baselines().items():
             study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-    for r in rerun:
-        study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
+    full = set(space.distributions())
+    for r in rerun:  # a trial killed inside ask() may have no or partial parameters: skip it
+        if set(r["params"]) == full:
+            study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
     with WorkerPool(job, address=address, worker_class=worker_class) as pool:
         _check_layer_groups(job, pool.info[0].get("num_layers"))
         Loop(job, study, space, pool, progress=progress).run()

@@ -74,8 +74,10 @@ def test_sigkill_then_resume_reaches_budget_exactly(search_suite, tmp_path):
     # interrupted trials are re-run first, with the same parameters, as far as the budget allows
     first_after = [t.params for t in sorted(complete, key=lambda t: t.number)
                    if t.number > max(n for n in before)][: 14 - len(before)]
-    rerun = min(len(interrupted), 14 - len(before))
-    assert [t.params for t in interrupted][:rerun] == first_after[:rerun]
+    # (a trial killed inside ask() can have partial parameters: nothing to re-run for it)
+    whole = [t.params for t in interrupted if len(t.params) == len(first_after[0])]
+    rerun = min(len(whole), 14 - len(before))
+    assert whole[:rerun] == first_after[:rerun]
 
 
 def test_bad_objective_refused_before_workers_start(search_suite, tmp_path):
