@@ -24,7 +24,8 @@ SPLITS = ("train", "validation", "test")
 @pytest.mark.parametrize(
     "task, text, answer",
     [("copy", "abc", "abc"), ("reverse", "abc", "cba"), ("sort", "3141", "1134"),
-     ("swap", "abcde", "badce"), ("shift", "azy", "baz"), ("add", "12+990", "1002")],
+     ("swap", "abcde", "badce"), ("shift", "azy", "baz"), ("rot13", "anz", "nam"),
+     ("mirror", "abz", "zya"), ("add", "12+990", "1002")],
 )
 def test_task_answers(task, text, answer):
     assert _answer_of(task, text) == answer

@@ -9,10 +9,15 @@ Layout of ``DIR`` (other parts of evomerge rely on it)::
     targets.json              test accuracy of base, experts and the uniform task-arithmetic merge
     manifest.json             settings, their hash and a sha256 per file (written last)
 
-The base is pretrained on ``copy`` plus a little of each expert task (so it is partly able to
-do them: a base that lacks a skill makes every merge collapse); each expert then fine-tunes the
-decoder layers (embeddings, final norm and head stay the base's) on its own task only, so it
-gains its task and forgets some of the others. Everything is seeded and runs on one CPU thread.
+The expert tasks map each letter of the input (``shift``: to the next letter, ``rot13``: 13 on,
+``mirror``: ``a`` <-> ``z``). The base is pretrained on ``copy`` plus a little of each expert
+task, but only on inputs made of the first ``pretrain_letters`` letters: it knows every task and
+most of each mapping, and fails on strings holding the letters it never saw mapped (a base that
+lacks a skill entirely makes every merge collapse; one that knows too much leaves nothing to
+merge). Each expert then fine-tunes the decoder layers (embeddings, final norm and head stay the
+base's) on its own task over the whole alphabet: it masters its task and forgets much of the
+others, so the uniform task-arithmetic merge beats every expert on the average of the expert
+tasks. Everything is seeded and runs on one CPU thread.
 
 >>> build_suite("toy_suite", size="tiny")  # doctest: +SKIP
 PosixPath('toy_suite')
@@ -23,19 +28,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import string
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from evomerge.toy.tasks import make_splits
+from evomerge.toy.tasks import make_splits, task_input
 from evomerge.toy.tokenizer import make_tokenizer
 from evomerge.toy.train import encode_rows, make_model, train
 
-SUITE_VERSION = 1
-EXPERT_TASKS = ("shift", "sort", "swap")
-PRETRAIN_MIX = {"copy": 1.0, "shift": 0.05, "sort": 0.05, "swap": 0.05}
+SUITE_VERSION = 2
+EXPERT_TASKS = ("shift", "rot13", "mirror")
+PRETRAIN_MIX = {"copy": 1.0, "shift": 0.05, "rot13": 0.05, "mirror": 0.05}
+PRETRAIN_LETTERS = 22  # the base sees expert-task inputs made of a..v only
 TASKS = ("copy", *EXPERT_TASKS)
 MERGE_NAME = "task_arithmetic_uniform"
 
@@ -45,7 +52,7 @@ SIZES: dict[str, dict[str, Any]] = {
                  "num_attention_heads": 4, "num_key_value_heads": 2},
         "splits": {"test": 200, "validation": 200, "train": 3000},
         "pretrain": {"steps": 500, "batch_size": 64, "lr": 3e-3, "warmup": 20},
-        "expert": {"steps": 100, "batch_size": 64, "lr": 3e-4, "warmup": 10},
+        "expert": {"steps": 100, "batch_size": 64, "lr": 1e-3, "warmup": 10},
     },
     "tiny": {
         "arch": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -65,6 +72,7 @@ def suite_settings(size: str) -> dict[str, Any]:
     return {
         "version": SUITE_VERSION, "size": size, "seed": 0, "tasks": list(TASKS),
         "expert_tasks": list(EXPERT_TASKS), "pretrain_mix": PRETRAIN_MIX,
+        "pretrain_letters": PRETRAIN_LETTERS,
         "merge": {"method": "task_arithmetic", "weight": round(1 / len(EXPERT_TASKS), 6)},
         **SIZES[size],
     }
@@ -170,8 +178,14 @@ def _build(root: Path, s: dict[str, Any]) -> None:
     tok = make_tokenizer()
     data = _write_data(root, s)
     enc = {t: encode_rows(splits["train"], tok) for t, splits in data.items()}
+    seen = set(string.ascii_lowercase[: s["pretrain_letters"]])
+    pre = {
+        t: encode_rows([r for r in data[t]["train"] if set(task_input(r["prompt"])) <= seen], tok)
+        if t in s["expert_tasks"] else enc[t]
+        for t in s["pretrain_mix"]
+    }
     base = make_model(tok, seed=s["seed"], **s["arch"])
-    train(base, enc, s["pretrain_mix"], seed=s["seed"], **s["pretrain"])
+    train(base, pre, s["pretrain_mix"], seed=s["seed"], **s["pretrain"])
     _save(base, tok, root / "base")
     models = {"base": base}
     for i, task in enumerate(s["expert_tasks"], start=1):

@@ -58,6 +58,18 @@ def _shift(rng: random.Random) -> tuple[str, str]:
     return s, "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in s)
 
 
+def _rot13(rng: random.Random) -> tuple[str, str]:
+    """Each letter 13 places on (``a`` -> ``n``)."""
+    s = _letters(rng)
+    return s, "".join(LETTERS[(LETTERS.index(c) + 13) % 26] for c in s)
+
+
+def _mirror(rng: random.Random) -> tuple[str, str]:
+    """Each letter to its mirror in the alphabet (``a`` <-> ``z``, ``b`` <-> ``y``)."""
+    s = _letters(rng)
+    return s, "".join(LETTERS[25 - LETTERS.index(c)] for c in s)
+
+
 def _add(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(0, 999), rng.randint(0, 999)
     return f"{a}+{b}", str(a + b)
@@ -70,6 +82,8 @@ TASKS: dict[str, tuple[str, Callable[[random.Random], tuple[str, str]]]] = {
     "sort": ("srt", _sort),
     "swap": ("swp", _swap),
     "shift": ("sft", _shift),
+    "rot13": ("r13", _rot13),
+    "mirror": ("mir", _mirror),
     "add": ("add", _add),
 }
 
@@ -81,6 +95,11 @@ def make_example(task: str, rng: random.Random) -> dict[str, str]:
     prefix, gen = TASKS[task]
     text, answer = gen(rng)
     return {"prompt": f"{prefix}:{text}>", "answer": answer}
+
+
+def task_input(prompt: str) -> str:
+    """The input part of a prompt: ``"rev:abc>"`` -> ``"abc"``."""
+    return prompt[prompt.index(":") + 1 : -1]
 
 
 def task_seed(task: str, seed: int) -> int:

@@ -44,6 +44,8 @@ def make_model(tokenizer: Any, *, seed: int = 0, **arch: Any) -> Any:
 
 def encode_rows(rows: Sequence[Mapping[str, str]], tokenizer: Any) -> Encoded:
     """Token ids of ``<s> prompt answer \\n`` and labels that are -100 outside ``answer \\n``."""
+    if not rows:
+        raise ValueError("encode_rows got no rows; give at least one {prompt, answer} row")
     prompts = tokenizer([r["prompt"] for r in rows])["input_ids"]
     seqs = tokenizer([r["prompt"] + r["answer"] + "\n" for r in rows])["input_ids"]
     starts = [len(p) for p in prompts]
