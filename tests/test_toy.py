@@ -188,3 +188,14 @@ def test_data_files_are_reproducible(toy_suite_tiny):  # noqa: F811
         for split, rows in splits.items():
             text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
             assert (toy_suite_tiny / "data" / task / f"{split}.jsonl").read_text() == text
+
+
+def test_a_second_build_gives_the_same_weights(toy_suite_tiny, tmp_path):  # noqa: F811
+    again = build_suite(tmp_path / "again", size="tiny")
+    first = json.loads((toy_suite_tiny / "manifest.json").read_text())["files"]
+    second = json.loads((again / "manifest.json").read_text())["files"]
+    weights = [name for name in first if name.endswith(".safetensors")]
+    assert len(weights) == 1 + len(EXPERT_TASKS)
+    assert {k: first[k] for k in weights} == {k: second[k] for k in weights}
+    assert {k: v for k, v in first.items() if k != "targets.json" and "tasks/" not in k} == {
+        k: v for k, v in second.items() if k != "targets.json" and "tasks/" not in k}

@@ -168,6 +168,18 @@ def _write_data(root: Path, settings: dict[str, Any]) -> dict[str, dict[str, lis
     return data
 
 
+def _pretrain_data(data: dict[str, Any], tok: Any, s: dict[str, Any]) -> dict[str, Any]:
+    """Train rows of the mix; for expert tasks only inputs made of the first letters."""
+    seen = set(string.ascii_lowercase[: s["pretrain_letters"]])
+    out = {}
+    for task in s["pretrain_mix"]:
+        rows = data[task]["train"]
+        if task in s["expert_tasks"]:
+            rows = [r for r in rows if set(task_input(r["prompt"])) <= seen]
+        out[task] = encode_rows(rows, tok)
+    return out
+
+
 def _save(model: Any, tok: Any, path: Path) -> None:
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -178,14 +190,8 @@ def _build(root: Path, s: dict[str, Any]) -> None:
     tok = make_tokenizer()
     data = _write_data(root, s)
     enc = {t: encode_rows(splits["train"], tok) for t, splits in data.items()}
-    seen = set(string.ascii_lowercase[: s["pretrain_letters"]])
-    pre = {
-        t: encode_rows([r for r in data[t]["train"] if set(task_input(r["prompt"])) <= seen], tok)
-        if t in s["expert_tasks"] else enc[t]
-        for t in s["pretrain_mix"]
-    }
     base = make_model(tok, seed=s["seed"], **s["arch"])
-    train(base, pre, s["pretrain_mix"], seed=s["seed"], **s["pretrain"])
+    train(base, _pretrain_data(data, tok, s), s["pretrain_mix"], seed=s["seed"], **s["pretrain"])
     _save(base, tok, root / "base")
     models = {"base": base}
     for i, task in enumerate(s["expert_tasks"], start=1):
