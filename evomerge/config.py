@@ -213,6 +213,9 @@ class CmaesConfig(Strict):
     popsize: int | None = Field(None, ge=2)
     separable: bool = False
     seed: int = 0
+    restarts: int = Field(0, ge=0)
+    inc_popsize: int = Field(2, ge=1)
+    restart_patience: int = Field(10, ge=1)
 
 
 class Nsga2Config(Strict):

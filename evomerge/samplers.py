@@ -16,6 +16,14 @@ from evomerge.config import CmaesConfig, GridConfig, Nsga2Config, RandomConfig, 
 def make_cmaes(
     cfg: CmaesConfig, space: dict[str, FloatDistribution]
 ) -> optuna.samplers.BaseSampler:
+    if cfg.restarts:
+        from evomerge.cma_restarts import IpopCmaSampler
+
+        return IpopCmaSampler(
+            space, sigma0=cfg.sigma0, popsize=cfg.popsize, separable=cfg.separable,
+            seed=cfg.seed, restarts=cfg.restarts, inc_popsize=cfg.inc_popsize,
+            patience=cfg.restart_patience,
+        )
     with warnings.catch_warnings():  # separable CMA is flagged experimental, and is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)  # sigma0: deprecated, still honoured

@@ -1,0 +1,192 @@
+"""CMA-ES with IPOP restarts (Auger and Hansen, 2005) as an Optuna sampler.
+
+Optuna 5 ignores ``CmaEsSampler(restart_strategy=...)``, so ``sampler: {name: cmaes, restarts: N}``
+is served by this sampler, which drives the ``cmaes`` library directly. A run of CMA-ES ends when
+``cmaes`` reports convergence (``should_stop``) or when the run's best value has not improved for
+``patience`` generations (accuracy-like metrics go flat long before CMA-ES's own tolerances);
+the next run starts from a uniformly random mean with the first ``sigma0`` and a population
+``inc_popsize`` times larger, up to ``restarts`` times.
+
+Parameters are searched in the unit cube (each distribution's ``[low, high]`` mapped to
+``[0, 1]``, on a log scale where the distribution is log). The state after every generation is
+pickled into the asking trial's system attributes, so a resumed driver continues the same run,
+generation and population size. A trial belongs to the generation named by its
+``evomerge:cma:gen`` attribute (``[run, generation]``); completed trials of the current generation
+are told once there are ``popsize`` of them (later ones of the same generation are ignored, as in
+Optuna's CMA-ES).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import cmaes
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+GEN_KEY = "evomerge:cma:gen"
+STATE_KEY = "evomerge:cma:state"
+_CHUNK = 2000  # system attribute values are stored as strings; keep each record small
+
+
+def to_unit(value: float, dist: FloatDistribution) -> float:
+    """``value`` of ``dist`` mapped to ``[0, 1]`` (log-scaled where ``dist.log``)."""
+    if dist.log:
+        return (math.log(value) - math.log(dist.low)) / (math.log(dist.high) - math.log(dist.low))
+    return (value - dist.low) / (dist.high - dist.low)
+
+
+def from_unit(u: float, dist: FloatDistribution) -> float:
+    """Inverse of :func:`to_unit`, clipped to the distribution's bounds."""
+    u = float(u)
+    if u <= 0.0 or u >= 1.0:
+        return dist.low if u <= 0.0 else dist.high
+    if dist.log:
+        value = math.exp(math.log(dist.low) + u * (math.log(dist.high) - math.log(dist.low)))
+    else:
+        value = dist.low + u * (dist.high - dist.low)
+    return min(max(value, dist.low), dist.high)
+
+
+@dataclass
+class RunState:
+    """One CMA-ES run: the optimizer and what decides when it ends."""
+
+    run: int
+    optimizer: Any
+    best: float = math.inf  # minimisation inside; maximised values are negated
+    stall: int = 0  # generations since ``best`` improved
+    history: list[tuple[int, int]] = field(default_factory=list)  # (run, popsize) so far
+
+
+class IpopCmaSampler(optuna.samplers.BaseSampler):
+    """CMA-ES (full or separable) restarted with growing populations; single-objective."""
+
+    def __init__(
+        self,
+        space: dict[str, FloatDistribution],
+        *,
+        sigma0: float | None = None,
+        popsize: int | None = None,
+        separable: bool = False,
+        seed: int = 0,
+        restarts: int = 1,
+        inc_popsize: int = 2,
+        patience: int = 10,
+    ) -> None:
+        if not space:
+            raise ValueError("IpopCmaSampler needs a non-empty search space")
+        self._space = dict(sorted(space.items()))
+        self._sigma0 = sigma0 if sigma0 is not None else 1 / 6
+        self._popsize = popsize
+        self._separable = separable
+        self._seed = seed
+        self._restarts = restarts
+        self._inc = inc_popsize
+        self._patience = patience
+        self._state: RunState | None = None
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+
+    # -- optuna sampler API ------------------------------------------------------------------
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return dict(self._space)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        if len(study.directions) != 1:
+            raise ValueError("cmaes is single-objective; use nsga2 or tpe for several objectives")
+        state = self._state or self._restore(study) or self._new_run(0, self._popsize)
+        opt = state.optimizer
+        key = [state.run, opt.generation]
+        done = [
+            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.system_attrs.get(GEN_KEY) == key
+        ]
+        if len(done) >= opt.population_size:
+            state = self._tell(state, done[: opt.population_size], study.direction)
+            self._save(study, trial, state)
+        self._state = state
+        opt = state.optimizer
+        storage = study._storage  # samplers record their bookkeeping as system attributes
+        storage.set_trial_system_attr(trial._trial_id, GEN_KEY, [state.run, opt.generation])
+        opt._rng.seed((self._seed * 100_003 + trial.number) % 2**31)  # resumes never repeat asks
+        x = opt.ask()
+        return {n: from_unit(u, d) for (n, d), u in zip(self._space.items(), x, strict=True)}
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+
+    # -- runs ----------------------------------------------------------------------------------
+    @property
+    def state(self) -> RunState | None:
+        """The current run (``None`` before the first sample)."""
+        return self._state
+
+    def _new_run(self, run: int, popsize: int | None) -> RunState:
+        dim = len(self._space)
+        rng = np.random.RandomState(self._seed + 7919 * run)
+        mean = np.full(dim, 0.5) if run == 0 else rng.uniform(0.0, 1.0, dim)
+        cls = cmaes.SepCMA if self._separable and dim > 1 else cmaes.CMA
+        bounds = np.tile([0.0, 1.0], (dim, 1))
+        opt = cls(mean=mean, sigma=self._sigma0, bounds=bounds, seed=self._seed + run,
+                  population_size=popsize)
+        return RunState(run=run, optimizer=opt, history=[(run, opt.population_size)])
+
+    def _tell(self, state: RunState, trials: list[FrozenTrial], direction: Any) -> RunState:
+        sign = 1.0 if direction == StudyDirection.MINIMIZE else -1.0
+        solutions = []
+        for t in trials:
+            x = np.array([to_unit(t.params[n], d) for n, d in self._space.items()])
+            solutions.append((np.clip(x, 0.0, 1.0), sign * float(t.value)))  # type: ignore[arg-type]
+        state.optimizer.tell(solutions)
+        gen_best = min(v for _, v in solutions)
+        if gen_best < state.best - 1e-12:
+            state.best, state.stall = gen_best, 0
+        else:
+            state.stall += 1
+        ended = state.optimizer.should_stop() or state.stall >= self._patience
+        if not ended or state.run >= self._restarts:
+            return state
+        popsize = state.optimizer.population_size * self._inc
+        new = self._new_run(state.run + 1, popsize)
+        new.history = [*state.history, (new.run, popsize)]
+        return new
+
+    # -- persistence ---------------------------------------------------------------------------
+    def _save(self, study: optuna.Study, trial: FrozenTrial, state: RunState) -> None:
+        blob = pickle.dumps(state).hex()
+        chunks = [blob[i : i + _CHUNK] for i in range(0, len(blob), _CHUNK)]
+        storage = study._storage
+        for i, chunk in enumerate(chunks):
+            storage.set_trial_system_attr(trial._trial_id, f"{STATE_KEY}:{i}", chunk)
+        storage.set_trial_system_attr(trial._trial_id, STATE_KEY, len(chunks))
+
+    def _restore(self, study: optuna.Study) -> RunState | None:
+        """The latest saved run state in ``study`` (a resumed driver continues it)."""
+        for t in reversed(study.get_trials(deepcopy=False)):
+            n = t.system_attrs.get(STATE_KEY)
+            if n is None:
+                continue
+            blob = "".join(t.system_attrs[f"{STATE_KEY}:{i}"] for i in range(int(n)))
+            state = pickle.loads(bytes.fromhex(blob))
+            assert isinstance(state, RunState)
+            return state
+        return None
