@@ -166,3 +166,18 @@ def test_equals_the_lm_eval_cli(suite):
     cli_score = json.loads(result.read_text())["results"]["toy_rev"]["exact_match,none"]
     ours = LmEvalEvaluator(config(suite), split="test").evaluate(suite["model"], suite["tok"])
     assert ours == {METRIC: cli_score} and cli_score == 0.25
+
+
+def test_template_cache_renders_like_lm_eval_and_is_installed(suite, ev):
+    import lm_eval.utils
+
+    from evomerge.evaluators.lm_eval import _compiled, cached_apply_template
+
+    original = lm_eval.utils.env.from_string
+    doc = {"prompt": "rev:ab>", "answer": "ba", "n": 3}
+    for template in ("{{prompt}}", "{{answer}}\n", "{{ n * 2 }} {{prompt|upper}}"):
+        assert cached_apply_template(template, doc) == original(template).render(**doc)
+    assert lm_eval.utils.apply_template is cached_apply_template  # the evaluator installed it
+    _compiled.cache_clear()
+    ev.evaluate(suite["model"], suite["tok"], limit=4)
+    assert _compiled.cache_info().currsize >= 1 and _compiled.cache_info().hits > 0
