@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from evomerge.evaluators.base import default_label, read_jsonl, resolve_data
+from evomerge.evaluators.base import default_label, effective_limit, read_jsonl, resolve_data
 
 NORMALIZERS = {
     "none": lambda s: s,
@@ -43,10 +43,7 @@ class AccuracyEvaluator:
         self, model: Any, tokenizer: Any, *, limit: int | None = None
     ) -> dict[str, float]:
         """Score the first ``limit`` rows (the smaller of ``limit`` and ``cfg.limit``)."""
-        caps = [n for n in (limit, self.cfg.limit) if n is not None]
-        if any(n < 1 for n in caps):
-            raise ValueError(f"limit must be >= 1, got {min(caps)}")
-        rows = self.rows[: min(caps)] if caps else self.rows
+        rows = self.rows[: effective_limit(len(self.rows), limit, self.cfg.limit)]
         bs = self.cfg.batch_size
         with torch.inference_mode():
             if self.kind == "generate":

@@ -64,6 +64,14 @@ def read_jsonl(path: str | Path, *, required: tuple[str, ...] = ()) -> list[dict
     return rows
 
 
+def effective_limit(n: int, *limits: int | None) -> int:
+    """The smallest of ``n`` and the given limits; a limit below 1 is an error."""
+    caps = [x for x in limits if x is not None]
+    if any(x < 1 for x in caps):
+        raise ValueError(f"limit must be >= 1, got {min(caps)}")
+    return min([n, *caps])
+
+
 def build_evaluator(cfg: Any, *, split: str | None = None) -> Evaluator:
     """Instantiate the evaluator registered under ``cfg.name``.
 

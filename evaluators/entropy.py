@@ -16,13 +16,12 @@ Entropy rewards confidence, not correctness: report a labeled metric beside it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from evomerge.evaluators.base import default_label, read_jsonl, resolve_data
+from evomerge.evaluators.text import TextEvaluator, model_max_length
 
 Positions = Literal["prompt", "last", "answer"]
 
@@ -50,80 +49,20 @@ def prediction_entropy(
     return (h * mask).sum(), int(attention_mask.sum())
 
 
-def encode_right_padded(
-    tokenizer: Any, texts: list[str], *, max_length: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize ``texts`` with right padding (real tokens keep positions 0..n-1)."""
-    enc = tokenizer(
-        texts,
-        padding=True,
-        padding_side="right",
-        truncation=max_length is not None,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def model_max_length(model: Any) -> int | None:
-    """The longest input the model's position embeddings allow, if the config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
-
-
-def load_texts(path: Path, field: str) -> list[str]:
-    """The ``field`` of every row; rows without it but with ``prompt`` and ``answer`` (the toy
-    data) give ``prompt + answer`` when ``field`` is ``text``. Errors name the file and line."""
-    rows = read_jsonl(path)
-    texts = []
-    for lineno, row in enumerate(rows, start=1):
-        if field in row:
-            value = row[field]
-        elif field == "text" and "prompt" in row and "answer" in row:
-            value = f"{row['prompt']}{row['answer']}"
-        else:
-            raise ValueError(
-                f"{path}: row {lineno} has no {field!r} (keys: {sorted(row)}); set the "
-                f"evaluator's 'field' to the key holding the text"
-            )
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"{path}: row {lineno}: {field!r} must be a non-empty string")
-        texts.append(value)
-    return texts
-
-
-def effective_limit(n: int, *limits: int | None) -> int:
-    """The smallest of ``n`` and the given limits; a limit below 1 is an error."""
-    caps = [x for x in limits if x is not None]
-    if any(x < 1 for x in caps):
-        raise ValueError(f"limit must be >= 1, got {min(caps)}")
-    return min([n, *caps])
-
-
-class EntropyEvaluator:
+class EntropyEvaluator(TextEvaluator):
     """``evaluate(model, tokenizer) -> {"entropy/<label>": mean entropy in nats}``."""
 
     name = "entropy"
-
-    def __init__(self, cfg: Any, *, split: str | None = None) -> None:
-        self.cfg = cfg
-        self.path = resolve_data(cfg.data, split or cfg.split)
-        self.texts = load_texts(self.path, cfg.field)
-        self.num_examples = len(self.texts)
-        self.metric = f"entropy/{cfg.label or default_label(cfg.data)}"
 
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None
     ) -> dict[str, float]:
         """Mean entropy over the first ``limit`` prompts (the smaller of ``limit``, cfg.limit)."""
-        texts = self.texts[: effective_limit(len(self.texts), limit, self.cfg.limit)]
         total, count = 0.0, 0
-        bs = self.cfg.batch_size
+        batches = self.batches(model, tokenizer, limit=limit, max_length=model_max_length(model))
         with torch.inference_mode():
-            for lo in range(0, len(texts), bs):
-                ids, mask = encode_right_padded(
-                    tokenizer, texts[lo : lo + bs], max_length=model_max_length(model)
-                )
-                s, n = prediction_entropy(model, ids.to(model.device), mask.to(model.device))
+            for ids, mask in batches:
+                s, n = prediction_entropy(model, ids, mask)
                 total += float(s)
                 count += n
         return {self.metric: total / count}

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from evomerge.evaluators.base import effective_limit
+
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default, so few-shot prompts match the CLI
 
 
@@ -148,13 +150,10 @@ class LmEvalEvaluator:
         """Run the tasks on the model's current weights (first ``limit`` docs of each task)."""
         from lm_eval.evaluator import evaluate
 
-        caps = [n for n in (limit, self.cfg.limit) if n is not None]
-        if any(n < 1 for n in caps):
-            raise ValueError(f"limit must be >= 1, got {min(caps)}")
         results = evaluate(
             lm=self._wrap(model, tokenizer),
             task_dict=self.task_dict,
-            limit=min(caps) if caps else None,
+            limit=effective_limit(self.num_examples, limit, self.cfg.limit),
             bootstrap_iters=0,
             log_samples=False,
         )

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from evomerge.evaluators.base import default_label, resolve_data
-from evomerge.evaluators.entropy import effective_limit, encode_right_padded, load_texts
+from evomerge.evaluators.text import TextEvaluator
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,31 +27,19 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor)
     return (nll * mask[:, 1:].to(nll.dtype)).sum()
 
 
-class PerplexityEvaluator:
+class PerplexityEvaluator(TextEvaluator):
     """``evaluate(model, tokenizer) -> {"perplexity/<label>": perplexity}`` (lower is better)."""
 
     name = "perplexity"
-
-    def __init__(self, cfg: Any, *, split: str | None = None) -> None:
-        self.cfg = cfg
-        self.path = resolve_data(cfg.data, split or cfg.split)
-        self.texts = load_texts(self.path, cfg.field)
-        self.num_examples = len(self.texts)
-        self.metric = f"perplexity/{cfg.label or default_label(cfg.data)}"
 
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None
     ) -> dict[str, float]:
         """Perplexity over the first ``limit`` texts (the smaller of ``limit`` and cfg.limit)."""
-        texts = self.texts[: effective_limit(len(self.texts), limit, self.cfg.limit)]
         total, count = 0.0, 0
-        bs = self.cfg.batch_size
+        batches = self.batches(model, tokenizer, limit=limit, max_length=self.cfg.max_length)
         with torch.inference_mode():
-            for lo in range(0, len(texts), bs):
-                ids, mask = encode_right_padded(
-                    tokenizer, texts[lo : lo + bs], max_length=self.cfg.max_length
-                )
-                ids, mask = ids.to(model.device), mask.to(model.device)
+            for ids, mask in batches:
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 if logits.dim() != 3:
                     raise TypeError(

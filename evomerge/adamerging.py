@@ -267,7 +267,7 @@ def job_data(job: Any) -> tuple[list[str], list[dict[str, Any]]]:
     """Unlabeled prompts (entropy evaluators' data, else accuracy evaluators' prompts) and
     labeled ``{prompt, answer}`` rows (accuracy evaluators' data), on each evaluator's split."""
     from evomerge.evaluators.base import read_jsonl, resolve_data
-    from evomerge.evaluators.entropy import load_texts
+    from evomerge.evaluators.text import load_texts
 
     unlabeled: list[str] = []
     labeled: list[dict[str, Any]] = []
