@@ -1,6 +1,6 @@
 """Search quality: best validation fitness and held-out (test) accuracy vs evaluations.
 
-On the small toy suite (base + reverse/sort/swap experts; fitness = mean exact match on
+On the small toy suite (base + shift/rot13/mirror experts; fitness = mean exact match on
 ``--limit`` validation examples per task, held-out = the full test splits), over ``--seeds``:
 
 - CMA-ES on per-model TIES coefficients (1 layer group) and per-layer ones (every layer);

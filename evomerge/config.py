@@ -101,6 +101,7 @@ class _DataEval(Strict):
     held_out_split: str | None = "test"
     label: str | None = Field(None, description="metric suffix; default: the data's stem")
     limit: int | None = Field(None, ge=1)
+    held_out_limit: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
 
 
@@ -128,6 +129,7 @@ class LmEvalConfig(Strict):
     include_path: str | None = None
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | None = Field(None, ge=1)
+    held_out_limit: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     split: str = "validation"
     held_out_tasks: tuple[str, ...] = ()

@@ -53,7 +53,7 @@ class MergeWorker:
         from evomerge.evaluators.base import build_evaluator
 
         return [
-            build_evaluator(cfg, split=getattr(cfg, "held_out_split", "test"))
+            build_evaluator(held_out_config(cfg), split=getattr(cfg, "held_out_split", "test"))
             for cfg in self.job.evaluators
             if has_held_out(cfg)
         ]
@@ -80,6 +80,12 @@ def _limit(evaluator: Any, fraction: float) -> int | None:
     if n is None:
         return None
     return max(1, math.ceil(fraction * n))
+
+
+def held_out_config(cfg: Any) -> Any:
+    """The evaluator config of the held-out pass: ``limit`` caps the fitness split only; the
+    held-out split is scored whole unless ``held_out_limit`` is set."""
+    return cfg.model_copy(update={"limit": getattr(cfg, "held_out_limit", None)})
 
 
 def has_held_out(cfg: Any) -> bool:

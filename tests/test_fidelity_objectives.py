@@ -38,13 +38,13 @@ def test_missing_metric_and_nan_raise():
 def test_objective_without_producer_refused():
     evs = [
         AccuracyEvalConfig(name="accuracy", data="toy/data/add"),
-        LmEvalConfig(name="lm_eval", tasks=("toy_sort",)),
+        LmEvalConfig(name="lm_eval", tasks=("toy_rot13",)),
         CostEvalConfig(name="cost"),
     ]
     check_objectives([Objective(metric="accuracy/add"), Objective(metric="cost/params")], evs)
-    check_objectives([Objective(metric="lm_eval/toy_sort/exact_match")], evs)
+    check_objectives([Objective(metric="lm_eval/toy_rot13/exact_match")], evs)
     with pytest.raises(ValueError, match="produced by no evaluator.*accuracy/add"):
-        check_objectives([Objective(metric="accuracy/sort")], evs)
+        check_objectives([Objective(metric="accuracy/rot13")], evs)
 
 
 def test_grid_sampler_works_ask_tell_past_exhaustion():

@@ -69,6 +69,18 @@ def test_search_completes_and_beats_baselines(ray_local, search_suite, tmp_path)
     df = results_frame(*open_run(tmp_path / "run"))
     task = search_suite["expert_tasks"][0]
     assert len(df) == 10 and f"held_out:entropy/{task}" in df and f"entropy/{task}" in df
+    # held-out scores the whole test split (``limit`` caps the fitness split only)
+    from evomerge.evaluators.entropy import EntropyEvaluator
+    from evomerge.recipe import Recipe
+    from evomerge.workspace import Workspace
+
+    best = study.best_trial
+    ws = Workspace(job.models.sources(), "base", load=job.load)
+    model = ws.apply(Recipe.from_dict(best.user_attrs["recipe"]))
+    full = EntropyEvaluator(job.evaluators[0].model_copy(update={"limit": None}), split="test")
+    assert full.num_examples > 32
+    expected = full.evaluate(model, ws.tokenizer)[f"entropy/{task}"]
+    assert held[best.number]["metrics"][f"entropy/{task}"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_worker_killed_mid_trial_fails_only_that_trial(ray_local, search_suite, tmp_path):
