@@ -45,6 +45,6 @@ def test_quickstart_config_runs_on_the_tiny_suite(toy_suite_tiny, tmp_path):  # 
     best = run("best", str(tmp_path / "run"))
     assert best.returncode == 0, best.stderr[-2000:]
     recipe = yaml.safe_load(best.stdout.split("\n", 1)[1])
-    assert recipe["method"] == "task_arithmetic" and set(recipe["models"]) == {
+    assert recipe["method"] == "ties" and set(recipe["models"]) == {
         "shift", "rot13", "mirror"
     }
