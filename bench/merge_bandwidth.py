@@ -4,8 +4,9 @@ A ~100M-parameter Llama with random weights is the base; experts are the base pl
 saved once as safetensors folders. For each method (task_arithmetic, ties, dare_ties) with
 per-layer coefficients and K experts, it times:
 
-- ``Workspace.apply`` per candidate (median over ``--reps``, fresh coefficients every time, after
-  one warm-up apply that also builds the TIES magnitude tables);
+- ``Workspace.apply`` per candidate (median over ``--reps``, fresh coefficients every time, the
+  recipe seed fixed as in a search), after one warm-up apply (``first_s``) that compiles the
+  fused kernels and builds the Workspace caches (sorted magnitudes for TIES, DARE levels);
 - *bytes moved*, the least a candidate must touch: read K task vectors and the base, write one
   model, in the model dtype: ``(K + 2) * params * itemsize``; GB/s = bytes / time;
 - a plain ``dst.copy_(src)`` over tensors with the model's shapes moving the same bytes (read +
@@ -57,7 +58,8 @@ TARGET = {"task_arithmetic": 0.7, "ties": 0.4, "dare_ties": 0.4}
 
 
 def make_recipe(method: str, paths: dict[str, str], k: int, layers: int, seed: int) -> Recipe:
-    """Per-layer weights (and densities) drawn from ``seed``: every candidate differs."""
+    """Per-layer weights (and densities) drawn from ``seed``: every candidate differs. The
+    recipe's own ``seed`` (DARE masks) stays 0, as in a search, where it is fixed per study."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(low: float, high: float) -> tuple[float, ...]:
@@ -71,7 +73,7 @@ def make_recipe(method: str, paths: dict[str, str], k: int, layers: int, seed: i
         if method != "task_arithmetic":
             models[e]["density"] = draw(0.3, 0.9)
     sources = {"base": paths["base"], **{e: paths[e] for e in experts}}
-    return Recipe(method=method, sources=sources, base_model="base", models=models, seed=seed)
+    return Recipe(method=method, sources=sources, base_model="base", models=models)
 
 
 def sync_for(device: str):

@@ -152,7 +152,7 @@ def merge_state_dicts(
         kwargs = tensor_params(recipe, plan, name, num_layers=num_layers)
         if recipe.method in DARE:
             kwargs["generators"] = [
-                dare_generator(recipe.seed, name, m, tensors.device) for m in plan.models
+                dare_generator(recipe.seed, name, m) for m in plan.models
             ]
         out[name] = kernel(base, tensors, **kwargs)
     if recipe.dtype is not None:

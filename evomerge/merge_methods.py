@@ -23,6 +23,7 @@ vector to its original L1 norm, as mergekit does (not by ``1/density``).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -63,10 +64,11 @@ class MagnitudeTable(NamedTuple):
 def magnitude_table(abs_delta: Tensor, size: int = 1024) -> MagnitudeTable:
     """Built once per task vector (about ``size`` entries; ``size >= n`` keeps them all);
     :func:`table_kth` then finds the magnitude of any rank from it."""
-    ordered = torch.sort(abs_delta.reshape(-1).float(), descending=True).values
+    ordered = torch.sort(abs_delta.reshape(-1), descending=True).values  # exact in its dtype
     step = max(1, -(-ordered.numel() // size))
     if step == 1:
         return MagnitudeTable(ordered, None, 1)
+    ordered = ordered.float()
     values = ordered[::step].clone()
     above = ordered.numel() - torch.searchsorted(ordered.flip(0), values, right=True)
     return MagnitudeTable(values, above, step)
@@ -92,41 +94,70 @@ def table_kth(abs_flat: Tensor, table: MagnitudeTable, r: int) -> Tensor:
     return torch.kthvalue(between, between.numel() - position).values
 
 
-def trim_mask(
-    abs_delta: Tensor, *, method: str, density: float, gamma: float, kth: Kth
-) -> Tensor | None:
-    """Entries kept by magnitude trimming (``magnitude``) or breadcrumbs (``outliers``).
+def trim_bounds(
+    method: str, n: int, *, density: float, gamma: float, kth: Callable[[int], Tensor | float]
+) -> tuple[Tensor | float, Tensor | float] | None:
+    """The kept magnitudes ``lo <= |tau| <= hi`` of magnitude trimming or breadcrumbs, from
+    ``kth(r)``, the ``r``-th largest magnitude (0-based) of the ``n`` entries; None: keep all.
 
     ``magnitude`` keeps the ``max(1, int(density * n))`` largest; ``outliers`` drops the
     ``int(gamma * n)`` largest (fewer if needed to keep the target) and keeps the next
-    ``int(density * n)``. None means keep everything (``density >= 1``). Entries tied with the
-    threshold are all kept.
+    ``int(density * n)``. Entries tied with a bound are kept; ``(0, -1)`` keeps nothing.
     """
-    n, flat = abs_delta.numel(), abs_delta.reshape(-1)
     if density >= 1:
         return None
     if method == "magnitude":
         if density <= 0 or n == 0:
-            return torch.zeros_like(abs_delta, dtype=torch.bool)
-        return abs_delta >= kth(flat, max(1, int(density * n)) - 1)
+            return 0.0, -1.0
+        return kth(max(1, int(density * n)) - 1), math.inf
     if method != "outliers":
         raise ValueError(f"unknown trim method {method!r}; use 'magnitude' or 'outliers'")
     target = int(density * n)
     if target <= 0:
-        return torch.zeros_like(abs_delta, dtype=torch.bool)
+        return 0.0, -1.0
     top = min(int(gamma * n), n - target)
-    mask = abs_delta >= kth(flat, top + target - 1)
-    if top > 0:
-        mask &= abs_delta <= kth(flat, top)
-    return mask
+    return kth(top + target - 1), kth(top) if top > 0 else math.inf
+
+
+def trim_mask(
+    abs_delta: Tensor, *, method: str, density: float, gamma: float, kth: Kth
+) -> Tensor | None:
+    """Entries kept by magnitude trimming (``magnitude``) or breadcrumbs (``outliers``), as
+    :func:`trim_bounds` says; None means keep everything."""
+    flat = abs_delta.reshape(-1)
+    bounds = trim_bounds(method, flat.numel(), density=density, gamma=gamma,
+                         kth=lambda r: kth(flat, r))
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    return (abs_delta >= lo) & (abs_delta <= hi)
+
+
+DARE_LEVELS = 4096
+"""DARE draws one random level in ``[0, DARE_LEVELS)`` per entry and keeps the entries below
+:func:`dare_cutoff` (density resolution 1/4096; levels fit float16 exactly, which the Workspace
+uses to cache them at 2 bytes per entry)."""
+
+
+def dare_cutoff(density: float) -> int:
+    """Entries with a DARE level below this are kept: ``floor(density * DARE_LEVELS)``, clipped."""
+    return min(DARE_LEVELS, max(0, math.floor(density * DARE_LEVELS)))
+
+
+def dare_levels(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
+    """One task vector's DARE levels (int16, on the generator's device)."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, DARE_LEVELS, tuple(shape), generator=generator, device=device,
+                         dtype=torch.int16)
 
 
 def random_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor | None:
-    """DARE's keep mask: each entry kept with probability ``density`` (None: keep all)."""
+    """DARE's keep mask: each entry kept with probability ``dare_cutoff(density) / 4096``
+    (None: keep all). Levels are drawn on the generator's device (CPU by default), so the mask
+    is the same on every device."""
     if density >= 1:
         return None
-    noise = torch.rand(delta.shape, generator=generator, device=delta.device)
-    return noise < density
+    return dare_levels(delta.shape, generator).to(delta.device) < dare_cutoff(density)
 
 
 def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool, inplace=False) -> Tensor:
@@ -144,7 +175,9 @@ def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool, inplace=Fal
 
 
 def dare_generator(seed: int, tensor: str, model: str, device: str | torch.device = "cpu"):
-    """The generator for one task vector's DARE mask, seeded from (seed, tensor, model)."""
+    """The generator for one task vector's DARE levels, seeded from (seed, tensor, model).
+
+    Keep the default CPU device for masks that do not depend on where the merge runs."""
     digest = hashlib.sha256(f"{seed}\0{tensor}\0{model}".encode()).digest()
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)

@@ -4,12 +4,15 @@ The base model (or the first source when there is none) is the *anchor*: the Wor
 copy of its weights and, per tensor, the stacked task vectors ``theta_k - anchor`` of the other
 sources, on ``load.device`` in the model's dtype. :meth:`Workspace.apply` merges from those (never
 from the live weights, so applying X, then Y, then X gives X's weights exactly) and writes the
-result into ``Workspace.model``; nothing touches disk. Trimming thresholds (TIES, breadcrumbs) come
-from magnitude tables built once per task vector on first use
-(:func:`evomerge.merge_methods.magnitude_table`): all sorted magnitudes while they fit in
-``table_bytes`` (a threshold is then a lookup), else a quantile table refined exactly. DARE masks
-come from generators seeded by (recipe seed, tensor name, model name), so a recipe is
-reproducible bit for bit on a given device.
+result into ``Workspace.model``; nothing touches disk. Each tensor is merged by one fused kernel
+(:mod:`evomerge.kernels`) that reads the base and the K task vectors once and writes the
+parameter: the cost of a candidate is about one pass over that memory. Trimming thresholds (TIES,
+breadcrumbs) and DARE masks come from caches built on first use (:mod:`evomerge.merge_cache`):
+sorted magnitudes per task vector (a threshold is a lookup) and DARE levels per task vector and
+seed, each kept only if it fits in ``cache_bytes`` (default: half the free memory of the device).
+DARE levels are drawn from generators seeded by (recipe seed, tensor name, model name) on the
+CPU, so a recipe is reproducible bit for bit. The result equals
+:func:`evomerge.merge.merge_state_dicts` to float32 rounding.
 
 >>> ws = Workspace({"base": "models/base", "a": "models/a"}, "base")  # doctest: +SKIP
 >>> model = ws.apply(recipe)                                         # doctest: +SKIP
@@ -17,6 +20,7 @@ reproducible bit for bit on a given device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge import kernels
 from evomerge import merge_methods as mm
 from evomerge.config import LoadConfig
 from evomerge.loading import (
@@ -33,6 +38,7 @@ from evomerge.loading import (
     load_tokenizer,
 )
 from evomerge.merge import DARE, MergePlan, keeps_base, plan_merge, tensor_params
+from evomerge.merge_cache import LEVEL_OFFSET, DareLevels, TrimTables, rescale_factors
 from evomerge.recipe import Recipe
 
 DEFAULT_LOAD = LoadConfig.model_validate({})
@@ -41,13 +47,16 @@ DEFAULT_LOAD = LoadConfig.model_validate({})
 class Workspace:
     """Sources loaded once; :meth:`apply` writes a recipe's merged weights into :attr:`model`.
 
-    ``table_bytes`` caps the memory of the trimming tables (TIES, breadcrumbs): within it every
-    sorted magnitude is kept, beyond it a quantile table per task vector.
+    ``cache_bytes`` caps each cache (:mod:`evomerge.merge_cache`): all sorted magnitudes for
+    TIES/breadcrumbs (``K x params`` entries in the model dtype; beyond the cap ~1024 quantiles
+    per task vector, refined with an extra pass per threshold) and the DARE levels of one seed
+    (``K x params x 2`` bytes; beyond the cap drawn anew per candidate). None: half the memory
+    free on the device when the cache is built.
     """
 
     def __init__(
         self, sources: Mapping[str, str], base_model: str | None = None, *,
-        load: LoadConfig = DEFAULT_LOAD, table_bytes: int = 1 << 30,
+        load: LoadConfig = DEFAULT_LOAD, cache_bytes: int | None = None,
     ) -> None:
         if not sources:
             raise ValueError("sources is empty; give at least one model")
@@ -70,11 +79,9 @@ class Workspace:
         }
         for name in others:
             self._load_delta(name)
-        self._tables: dict[tuple[str, int], mm.MagnitudeTable] = {}
-        # Whole sorted magnitudes (a threshold is a pure lookup) when they fit in table_bytes;
-        # else ~1024 quantiles per task vector, refined exactly at each use.
-        elements = sum(d.numel() for d in self._deltas.values())
-        self._table_size = None if elements * 4 <= table_bytes else 1024
+        self._device = next(iter(self._base.values())).device
+        self.tables = TrimTables(self._deltas, cache_bytes)
+        self.dare = DareLevels(self._deltas, others, cache_bytes)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, load: LoadConfig | None = None) -> Workspace:
@@ -111,7 +118,7 @@ class Workspace:
         self._check_recipe(recipe, plan)
         with torch.no_grad():
             for name, param in self._params.items():
-                param.copy_(self._merged(recipe, plan, name))
+                self._merge_into(recipe, plan, name, param)
         return self.model
 
     def _check_recipe(self, recipe: Recipe, plan: MergePlan) -> None:
@@ -127,42 +134,91 @@ class Workspace:
                 f"{self.anchor!r}; build a Workspace with base_model={plan.base!r}"
             )
 
-    def _merged(self, recipe: Recipe, plan: MergePlan, name: str) -> Tensor:
+    def _merge_into(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor) -> None:
         base = self._base[name]
         if keeps_base(recipe, name):
-            return base
+            param.copy_(base)
+            return
         kwargs = tensor_params(recipe, plan, name, num_layers=self.num_layers)
-        deltas = self._stack(plan.models, name)
-        if recipe.method == "linear":
-            return mm.linear(None, deltas.add_(base.float()), **kwargs)
-        if recipe.method == "slerp":
-            return mm.slerp(base, deltas.add_(base.float()), **kwargs)
-        if recipe.method in DARE:
-            kwargs["generators"] = [
-                mm.dare_generator(recipe.seed, name, m, base.device) for m in plan.models
-            ]
-        elif mm.SPARSIFIER[recipe.method] is not None:
-            kwargs["kths"] = [self._kth(m, name) for m in plan.models]
-        return mm.gta_merge(recipe.method, base, deltas, **kwargs)
+        rows = [self._row[m] for m in plan.models if m != self.anchor]
+        deltas = self._rows(name, rows)
+        out, flat = param.view(-1), base.view(-1)
+        method = recipe.method
+        if method == "slerp":
+            other = deltas[0].view(base.shape).float() + base.float()
+            param.copy_(mm.slerp(base, other[None], **kwargs))
+        elif method in ("linear", "task_arithmetic"):
+            beta, coeffs = _linear_coefficients(method, plan.models, self.anchor, kwargs)
+            kernels.run(kernels.linear_kernel, out, flat, deltas, self._pack([beta, *coeffs]))
+        elif method in DARE:
+            levels, cum = self.dare.get(recipe.seed, name, rows)
+            cut = [mm.dare_cutoff(d) for d in kwargs["density"]]
+            after = [float(cum[k, c]) for k, c in enumerate(cut)]
+            scale = rescale_factors([float(b) for b in cum[:, -1]], after, kwargs["rescale"])
+            per_model = [kwargs["weight"], [c - LEVEL_OFFSET for c in cut], scale]
+            kernels.run(kernels.dare_kernel, out, flat, deltas, levels, self._pack(per_model),
+                        self._shared(method, kwargs))
+        else:
+            lo, hi = self._trim_bounds(method, name, rows, kwargs)
+            scale = _trim_scale(deltas, lo, hi) if kwargs["rescale"] else [1.0] * len(rows)
+            kernels.run(kernels.trim_kernel, out, flat, deltas,
+                        self._pack([kwargs["weight"], lo, hi, scale]),
+                        self._shared(method, kwargs))
 
-    def _stack(self, models: tuple[str, ...], name: str) -> Tensor:
-        """Float32 task vectors of ``models`` for tensor ``name`` (zeros for the anchor)."""
+    def _rows(self, name: str, rows: list[int]) -> Tensor:
+        """The stored task vectors ``rows`` of tensor ``name`` as ``(K, n)`` (a view when all)."""
         stored = self._deltas[name]
-        out = torch.zeros((len(models), *stored.shape[1:]), device=stored.device)
-        for i, model in enumerate(models):
-            if model != self.anchor:
-                out[i] = stored[self._row[model]]
-        return out
+        flat = stored.view(stored.shape[0], -1)
+        if rows == list(range(stored.shape[0])):
+            return flat
+        return flat[torch.tensor(rows, dtype=torch.long, device=flat.device)]
 
-    def _kth(self, model: str, name: str) -> mm.Kth:
-        if model == self.anchor:
-            return lambda _magnitudes, r: torch.zeros((), device=self._base[name].device)
-        key = (name, self._row[model])
-        if key not in self._tables:
-            delta = self._deltas[name][key[1]]
-            self._tables[key] = mm.magnitude_table(delta.abs(), self._table_size or delta.numel())
-        table = self._tables[key]
-        return lambda magnitudes, r: mm.table_kth(magnitudes, table, r)
+    def _pack(self, values: list) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32).to(self._device)
+
+    def _shared(self, method: str, kwargs: dict) -> Tensor:
+        total = sum(kwargs["weight"])
+        return self._pack([kwargs.get("lambda_", 1.0), float(method in mm.CONSENSUS),
+                           float(kwargs["normalize"]), total if abs(total) >= 1e-8 else 1.0])
+
+    def _trim_bounds(self, method: str, name: str, rows: list[int],
+                     kwargs: dict) -> tuple[list[float], list[float]]:
+        kind = mm.SPARSIFIER[method]
+        assert kind is not None  # ties, breadcrumbs
+        n = self._base[name].numel()
+        gamma = kwargs.get("gamma", [0.0] * len(rows))
+        lo, hi = [], []
+        for row, density, g in zip(rows, kwargs["density"], gamma, strict=True):
+            bounds = mm.trim_bounds(kind, n, density=density, gamma=g,
+                                    kth=self.tables.kth(name, row))
+            lo.append(0.0 if bounds is None else float(bounds[0]))
+            hi.append(math.inf if bounds is None else float(bounds[1]))
+        return lo, hi
+
+
+def _trim_scale(deltas: Tensor, lo: list[float], hi: list[float]) -> list[float]:
+    """Rescale factors of trimmed task vectors (``rescale: true``; an extra pass)."""
+    a = deltas.float().abs()
+    lo_t, hi_t = (torch.tensor(v, device=a.device)[:, None] for v in (lo, hi))
+    kept = torch.where((a >= lo_t) & (a <= hi_t), a, 0.0).sum(1)
+    return rescale_factors(a.sum(1).tolist(), kept.tolist(), True)
+
+
+def _linear_coefficients(method: str, models: tuple[str, ...], anchor: str,
+                         kwargs: dict) -> tuple[float, list[float]]:
+    """``(beta, c)`` with the merge = ``beta * anchor + sum_k c_k tau_k`` over the non-anchor
+    models (``linear``: ``theta_k = anchor + tau_k``, the anchor's own tau is 0)."""
+    weight = kwargs["weight"]
+    total = sum(weight)
+    if method == "linear":
+        if kwargs["normalize"] and total == 0:
+            raise ValueError("linear with normalize: true needs weights that do not sum to 0")
+        div = total if kwargs["normalize"] else 1.0
+        coeffs = [w / div for m, w in zip(models, weight, strict=True) if m != anchor]
+        return total / div, coeffs
+    div = total if kwargs["normalize"] and abs(total) >= 1e-8 else 1.0
+    scale = kwargs.get("lambda_", 1.0) / div
+    return 1.0, [w * scale for w in weight]
 
 
 def _num_layers(config: Any) -> int:

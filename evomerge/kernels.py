@@ -1,0 +1,106 @@
+"""Fused per-tensor merge kernels for the Workspace: one pass over memory per candidate.
+
+Each kernel reads the base tensor and K stored task vectors once, computes in float32 and writes
+the merged tensor straight into ``out`` (the live parameter, any float dtype). The candidate's
+numbers (per model: weight, trim bounds or DARE cut-off, rescale factor; shared: lambda and the
+flags) arrive packed in small float32 tensors, so a new candidate never recompiles:
+``torch.compile`` builds one loop per kernel, K and dtype (seconds, once per process). Without a
+working compiler the same functions run eagerly (correct, slower, with full-size temporaries).
+
+The math is :func:`evomerge.merge_methods.gta_merge`'s, written for fusion; the Workspace tests
+check both against each other for every method.
+
+>>> import torch
+>>> out, base = torch.empty(3), torch.zeros(3)
+>>> deltas = torch.tensor([[1.0, -2.0, 3.0], [1.0, 2.0, -1.0]])
+>>> run(linear_kernel, out, base, deltas, torch.tensor([1.0, 0.5, 0.5]))
+>>> out.tolist()
+[1.0, 0.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def linear_kernel(out: Tensor, base: Tensor, deltas: Tensor, coef: Tensor) -> None:
+    """``out = coef[0] * base + sum_k coef[k + 1] * deltas_k`` (task arithmetic, linear)."""
+    acc = base.float() * coef[0]
+    for k in range(deltas.shape[0]):
+        acc = acc + deltas[k].float() * coef[k + 1]
+    out.copy_(acc)
+
+
+def trim_kernel(out: Tensor, base: Tensor, deltas: Tensor, per_model: Tensor,
+                shared: Tensor) -> None:
+    """Generalized task arithmetic keeping the entries with ``lo_k <= |tau_k| <= hi_k``.
+
+    ``per_model`` rows: weight, lo, hi, rescale factor; ``shared``: see :func:`combine`."""
+    rows = []
+    for k in range(deltas.shape[0]):
+        d = deltas[k].float()
+        a = d.abs()
+        keep = (a >= per_model[1, k]) & (a <= per_model[2, k])
+        rows.append(torch.where(keep, d * per_model[3, k] * per_model[0, k], 0.0))
+    out.copy_(combine(base, rows, per_model[0], shared))
+
+
+def dare_kernel(out: Tensor, base: Tensor, deltas: Tensor, levels: Tensor, per_model: Tensor,
+                shared: Tensor) -> None:
+    """Generalized task arithmetic keeping the entries whose DARE level is below a cut-off.
+
+    ``per_model`` rows: weight, level cut-off, rescale factor; ``shared``: see :func:`combine`."""
+    rows = []
+    for k in range(deltas.shape[0]):
+        keep = levels[k].float() < per_model[1, k]
+        rows.append(torch.where(keep, deltas[k].float() * per_model[2, k] * per_model[0, k], 0.0))
+    out.copy_(combine(base, rows, per_model[0], shared))
+
+
+def combine(base: Tensor, rows: list[Tensor], w: Tensor, shared: Tensor) -> Tensor:
+    """``base + lambda * merged(rows)`` for weighted ``rows``; ``shared`` holds lambda,
+    consensus (0/1), normalize (0/1) and the weights' sum (1 where it is ~0).
+
+    With consensus only the entries whose sign agrees with the sign of the sum count (ties to
+    +), and normalize divides by their weights; without consensus by the weights' sum."""
+    total = rows[0]
+    for r in rows[1:]:
+        total = total + r
+    majority = torch.where(total >= 0, 1.0, -1.0)
+    agreed = torch.zeros_like(total)
+    divisor = torch.zeros_like(total)
+    for k, r in enumerate(rows):
+        agree = r * majority > 0
+        agreed = agreed + torch.where(agree, r, 0.0)
+        divisor = divisor + torch.where(agree, w[k], 0.0)
+    consensus = shared[1] > 0
+    mixed = torch.where(consensus, agreed, total)
+    divisor = torch.where(consensus, torch.where(divisor == 0, 1.0, divisor), shared[3])
+    mixed = torch.where(shared[2] > 0, mixed / divisor, mixed)
+    return base.float() + shared[0] * mixed
+
+
+_COMPILED: dict[Callable[..., None], Callable[..., None]] = {}
+_EAGER: set[Callable[..., None]] = set()
+
+
+def run(kernel: Callable[..., None], *args: Any) -> None:
+    """Run ``kernel(*args)`` compiled (one loop, dynamic sizes), or eagerly once compiling has
+    failed (with one warning). Give 1-D ``out``/``base`` and 2-D ``(K, n)`` per-model tensors."""
+    if kernel not in _EAGER:
+        if kernel not in _COMPILED:
+            _COMPILED[kernel] = torch.compile(kernel, dynamic=True)
+        compiled = _COMPILED[kernel]
+        try:
+            compiled(*args)
+            return
+        except Exception as exc:  # no C++ compiler or Triton: the eager loop is the same math
+            warnings.warn(f"torch.compile failed for {kernel.__name__} ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); running it eagerly", RuntimeWarning, stacklevel=2)
+            _EAGER.add(kernel)
+    kernel(*args)

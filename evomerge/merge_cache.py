@@ -1,0 +1,123 @@
+"""Per-task-vector caches that make a candidate's trim thresholds and DARE masks cheap.
+
+- :class:`TrimTables`: every sorted magnitude of each task vector, in its dtype (a TIES or
+  breadcrumbs threshold is then one lookup), or, beyond the memory budget, ~1024 quantiles
+  refined exactly at each use (a pass over the task vector per threshold).
+- :class:`DareLevels`: the DARE levels of each task vector for one recipe seed, stored as float16
+  (exact for 0..4095, 2 bytes per entry), and per level the L1 norm of the entries below it, so a
+  rescale factor is a lookup. Beyond the budget the levels are drawn again for every candidate.
+
+Both hold ``K x params`` entries (K task vectors) at most; both are built on first use, all at
+once, and only if the whole cache fits in the budget: ``cache_bytes`` if given, else half the
+memory free on the device at that moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from evomerge import merge_methods as mm
+
+QUANTILES = 1024
+LEVEL_OFFSET = mm.DARE_LEVELS // 2  # float16 holds every integer in [-2048, 2048] exactly
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now (CUDA: ``mem_get_info``; CPU: MemAvailable, or 1 GiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 30
+
+
+def _budget(cache_bytes: int | None, device: torch.device) -> int:
+    return cache_bytes if cache_bytes is not None else free_bytes(device) // 2
+
+
+class TrimTables:
+    """Magnitude tables of stored task vectors ``deltas[name][row]``, built on first use."""
+
+    def __init__(self, deltas: Mapping[str, Tensor], cache_bytes: int | None) -> None:
+        self._deltas = deltas
+        self._cache_bytes = cache_bytes
+        self._tables: dict[tuple[str, int], mm.MagnitudeTable] = {}
+        self.full: bool | None = None  # decided on first use
+
+    def kth(self, name: str, row: int) -> Callable[[int], Tensor]:
+        """``kth(r)``: the exact ``r``-th largest magnitude of task vector ``row`` of ``name``."""
+        if self.full is None:
+            self._build()
+        table = self._tables[(name, row)]
+        if table.step == 1:
+            return lambda r: table.values[r]
+        delta = self._deltas[name][row]
+        return lambda r: mm.table_kth(delta.reshape(-1).abs().float(), table, r)
+
+    def _build(self) -> None:
+        need = sum(d.numel() * d.element_size() for d in self._deltas.values())
+        device = next(iter(self._deltas.values())).device
+        self.full = need <= _budget(self._cache_bytes, device)
+        for name, stack in self._deltas.items():
+            for row in range(stack.shape[0]):
+                size = stack[row].numel() if self.full else QUANTILES
+                self._tables[(name, row)] = mm.magnitude_table(stack[row].abs(), size)
+
+
+class DareLevels:
+    """DARE levels and per-level cumulative L1 norms of stored task vectors, for one seed."""
+
+    def __init__(self, deltas: Mapping[str, Tensor], models: Sequence[str],
+                 cache_bytes: int | None) -> None:
+        self._deltas = deltas
+        self._models = list(models)  # the model name of each stored row
+        self._cache_bytes = cache_bytes
+        self._seed: int | None = None
+        self._cached: dict[str, tuple[Tensor, Tensor]] | None = None
+
+    def get(self, seed: int, name: str, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """``(levels, cum)`` for ``rows`` of tensor ``name``: levels ``(K, n)`` as float16 minus
+        2048, and ``cum (K, 4097)`` (float64, CPU), ``cum[k, c]``: the L1 norm of the entries
+        with level < c."""
+        if seed != self._seed:
+            self._cached, self._seed = None, seed
+            stacks = self._deltas.values()
+            need = sum(d.numel() * 2 + d.shape[0] * (mm.DARE_LEVELS + 1) * 8 for d in stacks)
+            device = next(iter(self._deltas.values())).device
+            if need <= _budget(self._cache_bytes, device):
+                self._cached = {n: self._draw(seed, n, range(d.shape[0]))
+                                for n, d in self._deltas.items()}
+        if self._cached is None:
+            return self._draw(seed, name, rows)
+        levels, cum = self._cached[name]
+        if list(rows) == list(range(levels.shape[0])):
+            return levels, cum
+        index = torch.tensor(list(rows))
+        return levels[index.to(levels.device)], cum[index]
+
+    def _draw(self, seed: int, name: str, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
+        stack = self._deltas[name]
+        levels, cums = [], []
+        for row in rows:
+            gen = mm.dare_generator(seed, name, self._models[row])
+            drawn = mm.dare_levels(stack[row].shape, gen).to(stack.device).reshape(-1)
+            weights = stack[row].reshape(-1).abs().double()
+            counts = torch.bincount(drawn.long(), weights=weights, minlength=mm.DARE_LEVELS)
+            cums.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).cpu())
+            levels.append(drawn.sub_(LEVEL_OFFSET).to(torch.float16))
+        return torch.stack(levels), torch.stack(cums)
+
+
+def rescale_factors(before: Sequence[float], after: Sequence[float],
+                    enabled: bool) -> list[float]:
+    """mergekit's L1 rescale ``before / after`` per model; 1 where either is ~0 or disabled."""
+    eps = mm.RESCALE_EPS
+    return [1.0 if not enabled or b < eps or a < eps else b / a
+            for b, a in zip(before, after, strict=True)]
