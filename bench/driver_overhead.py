@@ -3,8 +3,9 @@
 ``evomerge.driver.run_search`` runs unchanged with ``worker_class=SleepWorker``: real Ray actors
 (``resources.num_cpus`` tiny) whose ``evaluate`` sleeps a fixed time and returns a deterministic
 metric computed from the recipe. Ideal throughput is ``workers / sleep_s`` trials/s; overhead is
-``1 - measured / ideal``. *Sustained* counts the trials completed between the end of the first
-and the start of the last generation (pipeline full); *end to end* runs from the first trial's
+``1 - measured / ideal``. *Sustained* counts the trials completed from the first end after
+generation 1 to the first end of the last generation, a whole number of generations (pipeline
+full; unbiased when the workers finish in step); *end to end* runs from the first trial's
 start to the last trial's end (baselines, ramp-up and ramp-down included; actor start-up not).
 
     python bench/driver_overhead.py                 # 8 and 32 workers: 6-15 min on 2 busy cores
@@ -16,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -97,40 +98,57 @@ def make_job(root: Path, *, name: str, workers: int, trials: int, sampler: str,
     })
 
 
-class ActorMemory(threading.Thread):
+class ActorMemory:
     """Once all ``workers`` ray::SleepWorker processes exist, sum their RSS and USS (USS counts
-    only pages private to the process), and the rise of system memory in use."""
+    only pages private to the process), and the rise of system memory in use.
+
+    Runs in a separate, niced process: its /proc scans (~1 s for 128 actors) must not take the
+    driver's GIL, or they show up as driver overhead (they did: a third of its samples).
+    """
 
     def __init__(self, workers: int) -> None:
-        super().__init__(daemon=True)
-        import psutil
-
-        self.psutil, self.workers = psutil, workers
-        self.stop = threading.Event()
-        self.base_used = psutil.virtual_memory().used
+        ctx = multiprocessing.get_context("spawn")
+        self.queue: Any = ctx.Queue()
+        self.stop = ctx.Event()
+        self.proc = ctx.Process(target=measure_actors, args=(workers, self.stop, self.queue),
+                                daemon=True)
         self.result: dict[str, Any] = {}
 
-    def _actors(self) -> list[Any]:
-        return [p for p in self.psutil.process_iter(["cmdline"])
-                if (p.info["cmdline"] or [""])[0].startswith("ray::SleepWorker")]
+    def start(self) -> None:
+        self.proc.start()
 
-    def run(self) -> None:
-        while not self.stop.wait(2.0):
-            actors = self._actors()
-            if len(actors) < self.workers:
+    def finish(self) -> None:
+        self.stop.set()
+        try:
+            self.result = self.queue.get(timeout=60)
+        finally:
+            self.proc.join(timeout=10)
+
+
+def measure_actors(workers: int, stop: Any, queue: Any) -> None:
+    import psutil
+
+    os.nice(19)
+    base_used = psutil.virtual_memory().used
+    result: dict[str, Any] = {}
+    while not stop.wait(2.0):
+        actors = [p for p in psutil.process_iter(["cmdline"])
+                  if (p.info["cmdline"] or [""])[0].startswith("ray::SleepWorker")]
+        if len(actors) < workers:
+            continue
+        rss = uss = 0
+        for p in actors:
+            try:
+                info = p.memory_full_info()
+            except psutil.Error:
                 continue
-            rss = uss = 0
-            for p in actors:
-                try:
-                    info = p.memory_full_info()
-                except self.psutil.Error:
-                    continue
-                rss, uss = rss + info.rss, uss + info.uss
-            used = self.psutil.virtual_memory().used - self.base_used
-            self.result = {"actors_seen": len(actors), "workers_rss_gb": rss / 2**30,
-                           "workers_uss_gb": uss / 2**30, "mem_used_gb": used / 2**30,
-                           "uss_mb_per_actor": uss / 2**20 / len(actors)}
-            return
+            rss, uss = rss + info.rss, uss + info.uss
+        used = psutil.virtual_memory().used - base_used
+        result = {"actors_seen": len(actors), "workers_rss_gb": rss / 2**30,
+                  "workers_uss_gb": uss / 2**30, "mem_used_gb": used / 2**30,
+                  "uss_mb_per_actor": uss / 2**20 / len(actors)}
+        break
+    queue.put(result)
 
 
 def rates(study: Any, workers: int, sleep_s: float) -> dict[str, float]:
@@ -139,10 +157,13 @@ def rates(study: Any, workers: int, sleep_s: float) -> dict[str, float]:
     ends = sorted(t.datetime_complete.timestamp() for t in trials)
     start = min(t.datetime_start.timestamp() for t in trials)
     n = len(ends)
-    lo, hi = workers, n - workers - 1
+    # from the first end after generation 1 to the first end of the last generation, a whole
+    # number of generations apart: unbiased when workers finish in step (bursts)
+    lo, periods = workers, (n - 2 * workers) // workers
+    hi = lo + periods * workers
     ideal = workers / sleep_s
     out = {"trials": n, "ideal_per_s": ideal, "e2e_per_s": n / (ends[-1] - start)}
-    steady = hi - lo >= max(8, workers // 2)  # else too few trials for a steady window
+    steady = periods >= 1 and ends[hi] > ends[lo]  # else too few trials for a steady window
     out["sustained_per_s"] = (hi - lo) / (ends[hi] - ends[lo]) if steady else out["e2e_per_s"]
     out["overhead_pct"] = 100 * (1 - out["sustained_per_s"] / ideal)
     out["e2e_overhead_pct"] = 100 * (1 - out["e2e_per_s"] / ideal)
@@ -167,8 +188,7 @@ def run_one(args: argparse.Namespace, root: Path, storage: str, sampler: str, wo
         study = run_search(job, storage_url=url, progress=False,
                            worker_class=sleep_worker_class(args.sleep))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    mem.stop.set()
-    mem.join()
+    mem.finish()
     row: dict[str, Any] = {"storage": storage, "sampler": sampler, "workers": workers}
     row.update(rates(study, workers, args.sleep))
     row["start_s"] = wall - row["loop_s"]  # ray actors + study creation + held-out phase

@@ -23,7 +23,13 @@ from evomerge.pool import WorkerPool
 from evomerge.progress import Progress
 from evomerge.recipe import Recipe
 from evomerge.samplers import make_sampler
-from evomerge.study import counted_trials, fail_interrupted, open_study, waiting_trials
+from evomerge.study import (
+    closing,
+    counted_trials,
+    fail_interrupted,
+    open_study,
+    waiting_trials,
+)
 
 
 @dataclass
@@ -65,20 +71,21 @@ def run_search(
 
         build_suite(job.toy_suite.dir, size=job.toy_suite.size)
     study = open_study(job, sampler=sampler, resume=resume, storage_url=storage_url)
-    rerun = fail_interrupted(study) if resume else []
-    if not study.trials and job.search.baselines:
-        for name, params in space.baselines().items():
-            study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-    full = set(space.distributions())
-    for r in rerun:  # a trial killed inside ask() may have no or partial parameters: skip it
-        if set(r["params"]) == full:
-            study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
-    with WorkerPool(job, address=address, worker_class=worker_class) as pool:
-        _check_layer_groups(job, pool.info[0].get("num_layers"))
-        Loop(job, study, space, pool, progress=progress).run()
-        from evomerge.heldout import held_out_phase
+    with closing(study):  # the run's writer lock, held until the driver is done
+        rerun = fail_interrupted(study) if resume else []
+        if not study.trials and job.search.baselines:
+            for name, params in space.baselines().items():
+                study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
+        full = set(space.distributions())
+        for r in rerun:  # a trial killed inside ask() may have no or partial parameters: skip
+            if set(r["params"]) == full:
+                study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
+        with WorkerPool(job, address=address, worker_class=worker_class) as pool:
+            _check_layer_groups(job, pool.info[0].get("num_layers"))
+            Loop(job, study, space, pool, progress=progress).run()
+            from evomerge.heldout import held_out_phase
 
-        held_out_phase(job, study, pool)
+            held_out_phase(job, study, pool)
     return study
 
 

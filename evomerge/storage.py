@@ -1,36 +1,202 @@
 """Study storage: an Optuna journal file in the run directory by default, or any URL.
 
-- ``None`` -> ``JournalFileBackend(RUN_DIR/study.journal)`` (fast, no server, optuna-dashboard
-  reads it);
+- ``None`` -> ``RUN_DIR/study.journal`` (fast, no server, optuna-dashboard reads it);
 - ``sqlite:///...``, ``postgresql://...``, ``mysql://...`` -> ``RDBStorage``;
 - ``redis://...`` -> ``JournalRedisBackend``;
 - ``journal:PATH`` -> a journal file at PATH.
+
+The driver opens a journal file with ``writer=True``: a :class:`DriverJournalFile` that holds an
+exclusive lock on the journal for its lifetime and appends without optuna's per-write lock
+file and fsync (a second driver on the same run is refused). Everything else (results, export,
+dashboards) reads with optuna's own ``JournalFileBackend``, which skips a partly written last
+line, so reading while the driver writes is safe.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 
 JOURNAL_NAME = "study.journal"
 JOB_ATTR = "evomerge:job"
+LOCK_SUFFIX = ".writer"  # optuna's own per-write lock is "<journal>.lock": a different file
+_CHUNK = 1 << 20
+
+
+class JournalLockedError(RuntimeError):
+    """Another process (an ``evomerge search`` driver) holds the journal's writer lock."""
+
+
+class DriverJournalFile(BaseJournalBackend):
+    """optuna's journal file format, written by one process: the search driver.
+
+    Holds ``fcntl.flock(LOCK_EX)`` on ``<journal>.writer`` until :meth:`close` (or the process
+    dies), so a second writer fails with :class:`JournalLockedError`. Each append is one
+    ``write`` to a file opened with ``O_APPEND`` (whole lines, visible to readers at once and
+    kept by the OS if the process is killed); ``fsync=True`` also fsyncs each append, which
+    only matters for an OS crash or power loss. Reads parse only the bytes appended since the
+    last read. After :meth:`close` it reads and writes as optuna's locking backend does.
+
+    >>> storage = JournalStorage(DriverJournalFile("/tmp/x.journal"))  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._lock: IO[str] | None = _acquire_writer_lock(self.path)
+        self._file: IO[bytes] | None = None
+        try:
+            self._file = open(self.path, "a+b", buffering=0)  # noqa: SIM115 - closed in close()
+            self._drop_torn_tail()
+        except BaseException:
+            self.close()
+            raise
+        self._pos = 0  # byte offset just after the last complete line read
+        self._count = 0  # number of lines before _pos
+        self._closed: JournalFileBackend | None = None
+
+    def _drop_torn_tail(self) -> None:
+        """A driver killed inside ``write`` can leave a partial last line: it was never
+        acknowledged, so cut it, or the next append would glue onto it and corrupt the line."""
+        assert self._file is not None
+        fd = self._file.fileno()
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        keep = size
+        while keep > 0:
+            start = max(0, keep - _CHUNK)
+            nl = os.pread(fd, keep - start, start).rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            keep = start
+        optuna.logging.get_logger(__name__).warning(
+            f"{self.path}: dropping a partly written last record ({size - keep} bytes) "
+            "left by a driver that was killed while writing it"
+        )
+        os.truncate(fd, keep)
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        """Logs numbered ``log_number_from`` and later; a partial last line is left unread."""
+        if self._closed is not None:
+            return iter(self._closed.read_logs(log_number_from))
+        return self._read(log_number_from)
+
+    def _read(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        assert self._file is not None
+        fd = self._file.fileno()
+        pos, number = (self._pos, self._count) if log_number_from >= self._count else (0, 0)
+        for line, end in _complete_lines(fd, pos, os.fstat(fd).st_size):
+            wanted = number >= log_number_from
+            log = self._parse(line, number) if wanted else None
+            number += 1
+            if number > self._count:
+                self._pos, self._count = end, number
+            if log is not None:
+                yield log
+
+    def _parse(self, line: bytes, number: int) -> dict[str, Any]:
+        try:
+            log: dict[str, Any] = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{self.path}: record {number + 1} is not valid JSON ({err}); the journal "
+                "is corrupt"
+            ) from None
+        return log
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        """Append ``logs`` as JSON lines in one write (optuna's exact format)."""
+        if self._closed is not None:
+            return self._closed.append_logs(logs)
+        assert self._file is not None
+        data = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+        view = memoryview(data.encode("utf-8"))
+        while view:
+            view = view[os.write(self._file.fileno(), view) :]
+        if self.fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Release the writer lock; later calls go through optuna's locking backend."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._closed = JournalFileBackend(str(self.path))
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+def _complete_lines(fd: int, pos: int, size: int) -> Iterator[tuple[bytes, int]]:
+    """(line, offset after it) for each newline-terminated line in bytes [pos, size)."""
+    chunk = _CHUNK
+    while pos < size:
+        data = os.pread(fd, min(chunk, size - pos), pos)
+        last = data.rfind(b"\n")
+        if last < 0:
+            if pos + len(data) >= size:
+                return  # a partial last line: being written, or torn
+            chunk *= 2  # one line longer than the chunk
+            continue
+        start = 0
+        while start <= last:
+            nl = data.index(b"\n", start)
+            yield data[start:nl], pos + nl + 1
+            start = nl + 1
+        pos += last + 1
+
+
+def _acquire_writer_lock(journal: Path) -> IO[str]:
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    f = open(journal.with_name(journal.name + LOCK_SUFFIX), "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise JournalLockedError(
+            f"{journal} is being written by another evomerge driver ({holder}); "
+            "wait for that search to finish or stop it, then run again with --resume"
+        ) from None
+    f.truncate(0)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n")
+    f.flush()
+    return f
 
 
 def storage_url(url: str | None, run_dir: Path) -> str:
     return url or f"journal:{run_dir / JOURNAL_NAME}"
 
 
-def open_storage(url: str | None, run_dir: Path) -> BaseStorage:
-    """Open (creating if needed) the storage named by ``url``; see the module docstring."""
+def open_storage(
+    url: str | None, run_dir: Path, *, writer: bool = False, fsync: bool = False
+) -> BaseStorage:
+    """Open (creating if needed) the storage named by ``url``; see the module docstring.
+
+    ``writer=True`` (the driver only) opens a journal file with :class:`DriverJournalFile`;
+    ``fsync`` then fsyncs every append. Both are ignored by other storages.
+    """
     url = storage_url(url, run_dir)
     if url.startswith("journal:"):
         path = Path(url.removeprefix("journal:"))
         path.parent.mkdir(parents=True, exist_ok=True)
+        if writer:
+            return JournalStorage(DriverJournalFile(path, fsync=fsync))
         return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("redis://") or url.startswith("rediss://"):
         from optuna.storages.journal import JournalRedisBackend
@@ -42,6 +208,13 @@ def open_storage(url: str | None, run_dir: Path) -> BaseStorage:
         f"storage {url!r} is not a URL; use journal:PATH, sqlite:///PATH, "
         "postgresql://USER@HOST/DB or redis://HOST:PORT"
     )
+
+
+def close_storage(storage: BaseStorage) -> None:
+    """Release the driver's writer lock, if ``storage`` holds one; the storage stays usable."""
+    backend = getattr(storage, "_backend", None)
+    if isinstance(backend, DriverJournalFile):
+        backend.close()
 
 
 def study_exists(storage: BaseStorage, name: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.config import JobConfig
-from evomerge.storage import open_storage, save_job, study_exists
+from evomerge.storage import close_storage, open_storage, save_job, study_exists
 
 INTERRUPTED = "interrupted"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -26,16 +28,44 @@ def open_study(
     sampler: optuna.samplers.BaseSampler,
     resume: bool,
     storage_url: str | None = None,
+    fsync: bool = False,
 ) -> optuna.Study:
-    """Create the study, or load it with ``resume``; refuse to silently mix two runs."""
+    """Create the study, or load it with ``resume``; refuse to silently mix two runs.
+
+    A journal file is opened for writing by this process alone (a second driver on the same
+    run fails with :class:`evomerge.storage.JournalLockedError`) until :func:`close_study`;
+    ``fsync`` fsyncs every journal append.
+    """
+    storage = open_storage(
+        storage_url or job.storage, job.resolved_run_dir, writer=True, fsync=fsync
+    )
+    try:
+        return _open_study(job, storage, sampler=sampler, resume=resume, where=storage_url)
+    except BaseException:
+        close_storage(storage)
+        raise
+
+
+def close_study(study: optuna.Study) -> None:
+    """Release the run's writer lock taken by :func:`open_study` (the study stays readable)."""
+    close_storage(study._storage)
+
+
+def _open_study(
+    job: JobConfig,
+    storage: optuna.storages.BaseStorage,
+    *,
+    sampler: optuna.samplers.BaseSampler,
+    resume: bool,
+    where: str | None,
+) -> optuna.Study:
     run_dir = job.resolved_run_dir
-    storage = open_storage(storage_url or job.storage, run_dir)
     exists = study_exists(storage, job.name)
     if exists and not resume:
         n = len(optuna.load_study(study_name=job.name, storage=storage).trials)
         if n:
             raise FileExistsError(
-                f"study {job.name!r} already has {n} trials in {storage_url or run_dir}; "
+                f"study {job.name!r} already has {n} trials in {where or run_dir}; "
                 "pass --resume to continue it, or change 'name'/'run_dir' to start a new one"
             )
     pruner = _pruner(job)
@@ -105,3 +135,12 @@ def waiting_trials(study: optuna.Study) -> int:
 def run_dir_of(path: str | Path) -> Path:
     p = Path(path)
     return p.parent if p.is_file() else p
+
+
+@contextmanager
+def closing(study: optuna.Study) -> Iterator[optuna.Study]:
+    """``with closing(open_study(...)) as study:`` releases the writer lock on exit."""
+    try:
+        yield study
+    finally:
+        close_study(study)
