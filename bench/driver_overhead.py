@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.cost_trials:
         with blas_limit(args.blas_threads):
             costs = storage_cost.run(args.cost_trials, args.experts * args.groups,
-                                     ["journal", "sqlite", "memory"], args.samplers)
+                                     ["journal", "journal-optuna", "sqlite", "memory"],
+                                     args.samplers)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, object_store_memory=256 * 2**20)
