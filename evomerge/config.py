@@ -324,6 +324,10 @@ class JobConfig(Strict):
     objectives: tuple[Objective, ...] = Field(min_length=1)
     resources: ResourcesConfig = ResourcesConfig()
     storage: str | None = Field(None, description="Optuna storage URL; default: journal file")
+    storage_fsync: bool = Field(
+        False, description="fsync every journal record (only an OS crash or power loss can "
+        "lose unsynced records; ~1 ms per record)"
+    )
     allow_test_split: bool = False
     adamerging: AdaMergingConfig | None = None
 

@@ -28,7 +28,6 @@ from evomerge.study import (
     counted_trials,
     fail_interrupted,
     open_study,
-    waiting_trials,
 )
 
 
@@ -70,7 +69,9 @@ def run_search(
         from evomerge.toy.build import build_suite
 
         build_suite(job.toy_suite.dir, size=job.toy_suite.size)
-    study = open_study(job, sampler=sampler, resume=resume, storage_url=storage_url)
+    study = open_study(
+        job, sampler=sampler, resume=resume, storage_url=storage_url, fsync=job.storage_fsync
+    )
     with closing(study):  # the run's writer lock, held until the driver is done
         rerun = fail_interrupted(study) if resume else []
         if not study.trials and job.search.baselines:
@@ -114,7 +115,6 @@ class Loop:
         self.inflight: dict[Any, Candidate] = {}
         self.done = counted_trials(study)
         self.fail_streak = 0
-        self.baselines_done = False
         self.progress = Progress(
             study, total=job.search.trials, initial=self.done, enabled=progress
         )
@@ -140,25 +140,12 @@ class Loop:
     def _fill(self) -> None:
         budget = self.job.search.trials
         while self.pool.idle and self.done + len(self.inflight) < budget:
-            if self._hold_for_baselines():
-                return
             trial = self.study.ask(self.dists)
             recipe = self.space.decode(trial.params)
             trial.set_user_attr("recipe", recipe.to_dict())
             baseline = trial.user_attrs.get("baseline")
             cand = Candidate(trial, recipe, self.pool.idle.pop(), baseline)
             self._submit(cand)
-
-    def _hold_for_baselines(self) -> bool:
-        """CMA-ES infers its space from completed trials: finish baselines before sampling."""
-        if self.job.search.sampler.name != "cmaes" or self.baselines_done:
-            return False
-        if waiting_trials(self.study):  # the next ask pops an enqueued trial
-            return False
-        if any(c.baseline for c in self.inflight.values()):
-            return True
-        self.baselines_done = True  # from now on no storage read per ask
-        return False
 
     def _submit(self, cand: Candidate) -> None:
         ref = self.pool.submit(cand.worker, cand.recipe, self.fractions[cand.rung])

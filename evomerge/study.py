@@ -128,10 +128,6 @@ def counted_trials(study: optuna.Study) -> int:
     )
 
 
-def waiting_trials(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-
 def run_dir_of(path: str | Path) -> Path:
     p = Path(path)
     return p.parent if p.is_file() else p
