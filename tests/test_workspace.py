@@ -98,6 +98,43 @@ def uncached_workspace(sources) -> Workspace:
     return Workspace(sources, "base", cache_bytes=0)
 
 
+def test_float16_dare_levels_when_float32_does_not_fit(workspace, sources, state_dicts):
+    need16 = sum(d.numel() * 2 + d.shape[0] * 4097 * 8 for d in workspace._deltas.values())
+    small = Workspace(sources, "base", cache_bytes=need16)
+    recipe = make("dare_linear", sources)
+    live = snapshot(small.apply(recipe))
+    assert small.dare.dtype == torch.float16 and small.dare._cached is not None
+    assert_same(live, merge_state_dicts(recipe, state_dicts, num_layers=4))
+    assert workspace.dare.dtype == torch.float32 or workspace.dare._cached is None
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties"])
+def test_bfloat16_models_merge_in_float32_into_bfloat16(name, sources, state_dicts):
+    """Task vectors are stored in bfloat16 (rounded), the merge runs in float32: close to the
+    float32 reference merge of the same bfloat16 weights, within bfloat16 rounding (a rounded
+    task vector can tie with, and so cross, a TIES threshold: ~0.1-0.5% of entries here)."""
+    ws = bf16_workspace(sources)
+    recipe = make(name, sources)
+    live = snapshot(ws.apply(recipe))
+    bf16 = {m: {k: v.to(torch.bfloat16) for k, v in sd.items()} for m, sd in state_dicts.items()}
+    pure = merge_state_dicts(recipe, bf16, num_layers=4)
+    for key, tensor in pure.items():
+        assert live[key].dtype == torch.bfloat16
+        err = (live[key].float() - tensor.float()).abs()
+        assert err.mean() < 1e-3 and (err > 0.01).float().mean() < 0.01, key
+
+
+_BF16: dict = {}
+
+
+def bf16_workspace(sources) -> Workspace:
+    from evomerge.config import LoadConfig
+
+    if "ws" not in _BF16:
+        _BF16["ws"] = Workspace(sources, "base", load=LoadConfig(dtype="bfloat16"))
+    return _BF16["ws"]
+
+
 def sweep_recipe(method: str, sources: dict, k: int, normalize: bool, seed: int) -> Recipe:
     """Per-layer weights (one negative), per-layer densities < 1, K = k experts."""
     gen = torch.Generator().manual_seed(seed)
