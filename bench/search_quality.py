@@ -209,8 +209,13 @@ def run_peer(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, An
     cfg = peer.evolve_config(args.suite, list(suite_tasks(args.suite)), limit=args.limit,
                              layer_granularity=1)
     t0 = time.time()
-    res = peer.run_peer(py, cfg, tasks, args.work / f"mergekit_evolve_{seed}",
-                        fevals=args.evals, workers=1, seed=seed + 1)
+    run_dir = args.work / f"mergekit_evolve_{seed}"
+    log = run_dir / "candidates.jsonl"
+    if args.reuse and log.exists() and len(log.read_text().splitlines()) >= args.evals:
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        res = {"rc": 0, "candidates": rows, "log_tail": ""}
+    else:
+        res = peer.run_peer(py, cfg, tasks, run_dir, fevals=args.evals, workers=1, seed=seed + 1)
     if not res["candidates"]:
         print(f"mergekit-evolve seed {seed} failed:\n{res['log_tail']}", file=sys.stderr)
         return None
@@ -307,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--quick", action="store_true", help="16 evaluations, 2 seeds, no peer")
     p.add_argument("--reuse", action="store_true",
-                   help="reuse finished searches found in --work (held-out is rescored)")
+                   help="reuse finished searches (and mergekit-evolve logs) found in --work "
+                   "(held-out is rescored)")
     p.add_argument("--peer-seeds", type=int, help="mergekit-evolve seeds (default: --seeds)")
     p.add_argument("--name", default="search_quality", help="results/<name>.json and .png")
     args = p.parse_args(argv)

@@ -4,8 +4,9 @@ Optuna 5 ignores ``CmaEsSampler(restart_strategy=...)``, so ``sampler: {name: cm
 is served by this sampler, which drives the ``cmaes`` library directly. A run of CMA-ES ends when
 ``cmaes`` reports convergence (``should_stop``) or when the run's best value has not improved for
 ``patience`` generations (accuracy-like metrics go flat long before CMA-ES's own tolerances);
-the next run starts from a uniformly random mean with the first ``sigma0`` and a population
-``inc_popsize`` times larger, up to ``restarts`` times.
+the first run starts at ``x0`` (or the middle of the bounds), each next one from a uniformly
+random mean with the first ``sigma0`` and a population ``inc_popsize`` times larger, up to
+``restarts`` times.
 
 Parameters are searched in the unit cube (each distribution's ``[low, high]`` mapped to
 ``[0, 1]``, on a log scale where the distribution is log). The state after every generation is
@@ -79,6 +80,7 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         restarts: int = 1,
         inc_popsize: int = 2,
         patience: int = 10,
+        x0: dict[str, float] | None = None,
     ) -> None:
         if not space:
             raise ValueError("IpopCmaSampler needs a non-empty search space")
@@ -90,6 +92,7 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         self._restarts = restarts
         self._inc = inc_popsize
         self._patience = patience
+        self._x0 = x0
         self._state: RunState | None = None
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
 
@@ -143,7 +146,12 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
     def _new_run(self, run: int, popsize: int | None) -> RunState:
         dim = len(self._space)
         rng = np.random.RandomState(self._seed + 7919 * run)
-        mean = np.full(dim, 0.5) if run == 0 else rng.uniform(0.0, 1.0, dim)
+        if run > 0:
+            mean = rng.uniform(0.0, 1.0, dim)
+        elif self._x0 is not None:
+            mean = np.array([to_unit(self._x0[n], d) for n, d in self._space.items()])
+        else:
+            mean = np.full(dim, 0.5)
         cls = cmaes.SepCMA if self._separable and dim > 1 else cmaes.CMA
         bounds = np.tile([0.0, 1.0], (dim, 1))
         opt = cls(mean=mean, sigma=self._sigma0, bounds=bounds, seed=self._seed + run,

@@ -215,6 +215,9 @@ class CmaesConfig(Strict):
     popsize: int | None = Field(None, ge=2)
     separable: bool = False
     seed: int = 0
+    start: Literal["uniform", "center"] = Field(
+        "uniform", description="first mean: the uniform-merge baseline or the bounds' middle"
+    )
     restarts: int = Field(0, ge=0)
     inc_popsize: int = Field(2, ge=1)
     restart_patience: int = Field(10, ge=1)

@@ -64,7 +64,8 @@ def run_search(
     """
     check_objectives(job.objectives, job.evaluators)
     space = build_space(job)
-    sampler = make_sampler(job.search.sampler, space.distributions())
+    start = space.baselines().get("uniform") if hasattr(space, "baselines") else None
+    sampler = make_sampler(job.search.sampler, space.distributions(), start)
     if job.toy_suite is not None:
         from evomerge.toy.build import build_suite
 

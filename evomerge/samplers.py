@@ -14,21 +14,31 @@ from evomerge.config import CmaesConfig, GridConfig, Nsga2Config, RandomConfig, 
 
 
 def make_cmaes(
-    cfg: CmaesConfig, space: dict[str, FloatDistribution]
+    cfg: CmaesConfig,
+    space: dict[str, FloatDistribution],
+    start: dict[str, float] | None = None,
 ) -> optuna.samplers.BaseSampler:
+    """CMA-ES; with ``cfg.start == "uniform"`` its first mean is ``start`` (the driver passes the
+    uniform-merge baseline), else the middle of the bounds."""
+    x0 = dict(start) if start is not None and cfg.start == "uniform" else None
+    if x0 is not None and set(x0) != set(space):
+        raise ValueError(
+            f"cmaes start has parameters {sorted(x0)}, the space has {sorted(space)}"
+        )
     if cfg.restarts:
         from evomerge.cma_restarts import IpopCmaSampler
 
         return IpopCmaSampler(
             space, sigma0=cfg.sigma0, popsize=cfg.popsize, separable=cfg.separable,
             seed=cfg.seed, restarts=cfg.restarts, inc_popsize=cfg.inc_popsize,
-            patience=cfg.restart_patience,
+            patience=cfg.restart_patience, x0=x0,
         )
     with warnings.catch_warnings():  # separable CMA is flagged experimental, and is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)  # sigma0: deprecated, still honoured
         return _FixedSpaceCmaEs(
             space,
+            x0=x0,
             sigma0=cfg.sigma0,
             popsize=cfg.popsize,
             use_separable_cma=cfg.separable,
@@ -108,7 +118,14 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_sampler(cfg: Any, space: dict[str, FloatDistribution]) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    cfg: Any, space: dict[str, FloatDistribution], start: dict[str, float] | None = None
+) -> optuna.samplers.BaseSampler:
+    """The sampler named by ``cfg.name``; ``start`` (a point of the space) seeds the samplers
+    that take a starting point (CMA-ES)."""
     from evomerge.registries import SAMPLERS
 
-    return SAMPLERS.get(cfg.name)(cfg, space)  # type: ignore[no-any-return]
+    maker = SAMPLERS.get(cfg.name)
+    if hasattr(cfg, "start"):
+        return maker(cfg, space, start)  # type: ignore[no-any-return]
+    return maker(cfg, space)  # type: ignore[no-any-return]
