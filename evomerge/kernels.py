@@ -50,14 +50,19 @@ def trim_kernel(out: Tensor, base: Tensor, deltas: Tensor, per_model: Tensor,
     out.copy_(combine(base, rows, per_model[0], shared))
 
 
-def dare_kernel(out: Tensor, base: Tensor, deltas: Tensor, levels: Tensor, per_model: Tensor,
+def dare_kernel(out: Tensor, base: Tensor, deltas: Tensor, packed: Tensor, per_model: Tensor,
                 shared: Tensor) -> None:
     """Generalized task arithmetic keeping the entries whose DARE level is below a cut-off.
 
-    ``per_model`` rows: weight, level cut-off, rescale factor; ``shared``: see :func:`combine`."""
+    ``packed[j]`` holds the levels of task vectors 2j and 2j+1 as ``4096 * a + b`` (float32,
+    exact); ``per_model`` rows: weight, level cut-off, rescale factor; ``shared``: see
+    :func:`combine`."""
     rows = []
     for k in range(deltas.shape[0]):
-        keep = levels[k].float() < per_model[1, k]
+        v = packed[k // 2]
+        high = torch.floor(v * (1.0 / 4096))
+        level = high if k % 2 == 0 else v - high * 4096
+        keep = level < per_model[1, k]
         rows.append(torch.where(keep, deltas[k].float() * per_model[2, k] * per_model[0, k], 0.0))
     out.copy_(combine(base, rows, per_model[0], shared))
 

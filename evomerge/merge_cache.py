@@ -4,9 +4,9 @@
   breadcrumbs threshold is then one lookup), or, beyond the memory budget, ~1024 quantiles
   refined exactly at each use (a pass over the task vector per threshold).
 - :class:`DareLevels`: the DARE levels of each task vector for one recipe seed, and per level the
-  L1 norm of the entries below it, so a rescale factor is a lookup. Levels are stored as float32
-  (4 bytes per entry; the fastest load on CPU, where inductor's 16-bit loads were measured ~2x
-  slower) if that fits the budget, else as float16 (2 bytes, exact for the 4096 levels), else
+  L1 norm of the entries below it, so a rescale factor is a lookup. The levels of two task
+  vectors share one float32 (``4096 * a + b``, exact): 2 bytes per entry, loaded at full speed
+  (inductor's 16-bit loads measured ~2x slower than float32 on CPU). Beyond the budget they are
   drawn again for every candidate.
 
 Both hold ``K x params`` entries (K task vectors) at most; both are built on first use, all at
@@ -25,7 +25,6 @@ from torch import Tensor
 from evomerge import merge_methods as mm
 
 QUANTILES = 1024
-LEVEL_OFFSET = mm.DARE_LEVELS // 2  # float16 holds every integer in [-2048, 2048] exactly
 
 
 def free_bytes(device: torch.device) -> int:
@@ -83,30 +82,29 @@ class DareLevels:
         self._cache_bytes = cache_bytes
         self._seed: int | None = None
         self._cached: dict[str, tuple[Tensor, Tensor]] | None = None
-        self.dtype = torch.float32
 
     def get(self, seed: int, name: str, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """``(levels, cum)`` for ``rows`` of tensor ``name``: levels ``(K, n)`` minus 2048 as
-        :attr:`dtype`, and ``cum (K, 4097)`` (float64, CPU), ``cum[k, c]``: the L1 norm of the
-        entries with level < c."""
+        """``(packed, cum)`` for ``rows`` of tensor ``name``: the levels ``(K, n)`` packed by
+        :func:`pack_levels`, and ``cum (K, 4097)`` (float64, CPU), ``cum[k, c]``: the L1 norm of
+        the entries with level < c."""
         if seed != self._seed:
             self._cached, self._seed = None, seed
             stacks = self._deltas.values()
             device = next(iter(self._deltas.values())).device
             budget = _budget(self._cache_bytes, device)
-            fits = [dt for dt in (torch.float32, torch.float16) if budget >= sum(
-                d.numel() * dt.itemsize + d.shape[0] * (mm.DARE_LEVELS + 1) * 8 for d in stacks)]
-            self.dtype = fits[0] if fits else torch.float16
-            if fits:
+            need = sum((d.shape[0] + 1) // 2 * d[0].numel() * 4
+                       + d.shape[0] * (mm.DARE_LEVELS + 1) * 8 for d in stacks)
+            if need <= budget:
                 self._cached = {n: self._draw(seed, n, range(d.shape[0]))
                                 for n, d in self._deltas.items()}
         if self._cached is None:
             return self._draw(seed, name, rows)
-        levels, cum = self._cached[name]
-        if list(rows) == list(range(levels.shape[0])):
-            return levels, cum
+        packed, cum = self._cached[name]
+        if list(rows) == list(range(cum.shape[0])):
+            return packed, cum
         index = torch.tensor(list(rows))
-        return levels[index.to(levels.device)], cum[index]
+        levels = unpack_levels(packed, cum.shape[0])
+        return pack_levels(levels[index.to(levels.device)]), cum[index]
 
     def _draw(self, seed: int, name: str, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
         stack = self._deltas[name]
@@ -117,8 +115,25 @@ class DareLevels:
             weights = stack[row].reshape(-1).abs().double()
             counts = torch.bincount(drawn.long(), weights=weights, minlength=mm.DARE_LEVELS)
             cums.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).cpu())
-            levels.append(drawn.sub_(LEVEL_OFFSET).to(self.dtype))
-        return torch.stack(levels), torch.stack(cums)
+            levels.append(drawn)
+        return pack_levels(torch.stack(levels)), torch.stack(cums)
+
+
+def pack_levels(levels: Tensor) -> Tensor:
+    """Integer levels ``(K, n)`` as float32 ``(ceil(K / 2), n)``: row j holds
+    ``4096 * levels[2j] + levels[2j + 1]`` (exact below 2**24; an odd K pads with 0)."""
+    high = levels[0::2].float()
+    low = levels[1::2].float()
+    if low.shape[0] < high.shape[0]:
+        low = torch.cat([low, low.new_zeros((1, *low.shape[1:]))])
+    return high.mul_(mm.DARE_LEVELS).add_(low)
+
+
+def unpack_levels(packed: Tensor, k: int) -> Tensor:
+    """The inverse of :func:`pack_levels` for ``k`` task vectors, as float32."""
+    high = torch.floor(packed / mm.DARE_LEVELS)
+    low = packed - high * mm.DARE_LEVELS
+    return torch.stack([high, low], dim=1).reshape(-1, *packed.shape[1:])[:k]
 
 
 def rescale_factors(before: Sequence[float], after: Sequence[float],

@@ -38,7 +38,7 @@ from evomerge.loading import (
     load_tokenizer,
 )
 from evomerge.merge import DARE, MergePlan, keeps_base, plan_merge, tensor_params
-from evomerge.merge_cache import LEVEL_OFFSET, DareLevels, TrimTables, rescale_factors
+from evomerge.merge_cache import DareLevels, TrimTables, rescale_factors
 from evomerge.recipe import Recipe
 
 DEFAULT_LOAD = LoadConfig.model_validate({})
@@ -151,12 +151,12 @@ class Workspace:
             beta, coeffs = _linear_coefficients(method, plan.models, self.anchor, kwargs)
             kernels.run(kernels.linear_kernel, out, flat, deltas, self._pack([beta, *coeffs]))
         elif method in DARE:
-            levels, cum = self.dare.get(recipe.seed, name, rows)
+            packed, cum = self.dare.get(recipe.seed, name, rows)
             cut = [mm.dare_cutoff(d) for d in kwargs["density"]]
             after = [float(cum[k, c]) for k, c in enumerate(cut)]
             scale = rescale_factors([float(b) for b in cum[:, -1]], after, kwargs["rescale"])
-            per_model = [kwargs["weight"], [c - LEVEL_OFFSET for c in cut], scale]
-            kernels.run(kernels.dare_kernel, out, flat, deltas, levels, self._pack(per_model),
+            per_model = [kwargs["weight"], [float(c) for c in cut], scale]
+            kernels.run(kernels.dare_kernel, out, flat, deltas, packed, self._pack(per_model),
                         self._shared(method, kwargs))
         else:
             lo, hi = self._trim_bounds(method, name, rows, kwargs)

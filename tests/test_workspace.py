@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.merge import merge_state_dicts
+from evomerge.merge_cache import pack_levels, unpack_levels
 from evomerge.recipe import Recipe
 from evomerge.workspace import Workspace, merge_to_folder
 
@@ -98,14 +99,12 @@ def uncached_workspace(sources) -> Workspace:
     return Workspace(sources, "base", cache_bytes=0)
 
 
-def test_float16_dare_levels_when_float32_does_not_fit(workspace, sources, state_dicts):
-    need16 = sum(d.numel() * 2 + d.shape[0] * 4097 * 8 for d in workspace._deltas.values())
-    small = Workspace(sources, "base", cache_bytes=need16)
-    recipe = make("dare_linear", sources)
-    live = snapshot(small.apply(recipe))
-    assert small.dare.dtype == torch.float16 and small.dare._cached is not None
-    assert_same(live, merge_state_dicts(recipe, state_dicts, num_layers=4))
-    assert workspace.dare.dtype == torch.float32 or workspace.dare._cached is None
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_packed_dare_levels_round_trip(k):
+    levels = torch.randint(0, 4096, (k, 1000), dtype=torch.int16)
+    packed = pack_levels(levels)
+    assert packed.dtype == torch.float32 and packed.shape == ((k + 1) // 2, 1000)
+    assert torch.equal(unpack_levels(packed, k), levels.float())
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties"])
