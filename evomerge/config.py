@@ -85,6 +85,10 @@ class LoadConfig(Strict):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    merge_cache_bytes: int | None = Field(
+        None, ge=0, description="cap on each merge cache (TIES tables, DARE levels); "
+        "None: half the free device memory"
+    )
 
 
 class ToySuiteConfig(Strict):

@@ -94,10 +94,16 @@ _COMPILED: dict[Callable[..., None], Callable[..., None]] = {}
 _EAGER: set[Callable[..., None]] = set()
 
 
+COMPILE_MIN_NUMEL = 1 << 18
+"""Tensors smaller than this run eagerly: compiling (seconds per kernel and process) does not
+pay off on tiny models, where an eager merge takes milliseconds."""
+
+
 def run(kernel: Callable[..., None], *args: Any) -> None:
-    """Run ``kernel(*args)`` compiled (one loop, dynamic sizes), or eagerly once compiling has
-    failed (with one warning). Give 1-D ``out``/``base`` and 2-D ``(K, n)`` per-model tensors."""
-    if kernel not in _EAGER:
+    """Run ``kernel(*args)`` compiled (one loop, dynamic sizes), or eagerly for tensors under
+    :data:`COMPILE_MIN_NUMEL` elements and once compiling has failed (with one warning). Give
+    1-D ``out``/``base`` and 2-D ``(K, n)`` per-model tensors."""
+    if kernel not in _EAGER and args[0].numel() >= COMPILE_MIN_NUMEL:
         if kernel not in _COMPILED:
             _COMPILED[kernel] = torch.compile(kernel, dynamic=True)
         compiled = _COMPILED[kernel]

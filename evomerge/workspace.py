@@ -51,7 +51,7 @@ class Workspace:
     TIES/breadcrumbs (``K x params`` entries in the model dtype; beyond the cap ~1024 quantiles
     per task vector, refined with an extra pass per threshold) and the DARE levels of one seed
     (``K x params x 2`` bytes; beyond the cap drawn anew per candidate). None: half the memory
-    free on the device when the cache is built.
+    free on the device when the cache is built. Default: ``load.merge_cache_bytes``.
     """
 
     def __init__(
@@ -80,6 +80,8 @@ class Workspace:
         for name in others:
             self._load_delta(name)
         self._device = next(iter(self._base.values())).device
+        if cache_bytes is None:
+            cache_bytes = load.merge_cache_bytes
         self.tables = TrimTables(self._deltas, cache_bytes)
         self.dare = DareLevels(self._deltas, others, cache_bytes)
 

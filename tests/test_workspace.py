@@ -240,3 +240,24 @@ def test_merge_to_folder_loads_with_transformers(tmp_path, sources, state_dicts)
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(sources["base"]).get_vocab()
     with pytest.raises(ValueError, match="is source 'a'"):
         merge_to_folder(recipe, sources["a"])
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties"])
+def test_compiled_kernels_equal_the_reference(name, workspace, sources, state_dicts,
+                                              monkeypatch):
+    """Big tensors run through ``torch.compile``; force it on the tiny model's tensors."""
+    from evomerge import kernels
+
+    monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
+    recipe = make(name, sources)
+    live = snapshot(workspace.apply(recipe))
+    assert_same(live, merge_state_dicts(recipe, state_dicts, num_layers=4))
+    assert kernels._COMPILED and not kernels._EAGER  # compiled here (a C++ compiler is present)
+
+
+def test_merge_cache_bytes_from_the_load_config(sources):
+    from evomerge.config import LoadConfig
+
+    ws = Workspace(sources, "base", load=LoadConfig(merge_cache_bytes=0))
+    ws.apply(make("ties", sources))
+    assert ws.tables.full is False
