@@ -48,7 +48,7 @@ def searches(layers: int) -> dict[str, dict[str, Any]]:
     ta = {"name": "parameter", "method": "task_arithmetic", "per_model": False}
     ties = {"name": "parameter", "method": "ties", "per_model": False,
             "fixed": {"normalize": False}, "bounds": {"weight": {"low": 0.1, "high": 1.3}}}
-    cma = {"name": "cmaes", "popsize": 8, "sigma0": 0.25}
+    cma = {"name": "cmaes", "popsize": 8, "sigma0": 0.25, "start": "uniform"}
     return {
         "cmaes per-model": {"space": per_model, "sampler": cma, "seeded": True},
         "cmaes per-layer": {"space": per_layer, "sampler": cma, "seeded": True},

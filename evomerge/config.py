@@ -219,8 +219,8 @@ class CmaesConfig(Strict):
     popsize: int | None = Field(None, ge=2)
     separable: bool = False
     seed: int = 0
-    start: Literal["uniform", "center"] = Field(
-        "uniform", description="first mean: the uniform-merge baseline or the bounds' middle"
+    start: Literal["center", "uniform"] = Field(
+        "center", description="first mean: the bounds' middle or the uniform-merge baseline"
     )
     restarts: int = Field(0, ge=0)
     inc_popsize: int = Field(2, ge=1)

@@ -18,8 +18,8 @@ def make_cmaes(
     space: dict[str, FloatDistribution],
     start: dict[str, float] | None = None,
 ) -> optuna.samplers.BaseSampler:
-    """CMA-ES; with ``cfg.start == "uniform"`` its first mean is ``start`` (the driver passes the
-    uniform-merge baseline), else the middle of the bounds."""
+    """CMA-ES; its first mean is the middle of the bounds, or with ``cfg.start == "uniform"``
+    the point ``start`` (the driver passes the uniform-merge baseline)."""
     x0 = dict(start) if start is not None and cfg.start == "uniform" else None
     if x0 is not None and set(x0) != set(space):
         raise ValueError(

@@ -100,13 +100,14 @@ def test_config_chooses_the_restart_sampler_and_refuses_bad_values() -> None:
 def test_start_point_is_the_first_mean() -> None:
     start = {"a": 0.1, "b": 5.0}
     for restarts in (0, 1):
-        cfg = CmaesConfig(name="cmaes", popsize=6, sigma0=0.01, restarts=restarts)
+        cfg = CmaesConfig(name="cmaes", popsize=6, sigma0=0.01, restarts=restarts,
+                          start="uniform")
         study = optuna.create_study(sampler=make_cmaes(cfg, SPACE, start))
         trials = [study.ask(SPACE) for _ in range(6)]
         assert all(t.params["a"] == pytest.approx(0.1, abs=0.05) for t in trials)
         assert all(t.params["b"] == pytest.approx(5.0, rel=0.5) for t in trials)
-    centered = make_cmaes(CmaesConfig(name="cmaes", sigma0=0.01, start="center"), SPACE, start)
+    centered = make_cmaes(CmaesConfig(name="cmaes", sigma0=0.01), SPACE, start)  # the default
     t = optuna.create_study(sampler=centered).ask(SPACE)
     assert t.params["a"] == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="cmaes start has parameters"):
-        make_cmaes(CmaesConfig(name="cmaes"), SPACE, {"a": 0.1})
+        make_cmaes(CmaesConfig(name="cmaes", start="uniform"), SPACE, {"a": 0.1})
