@@ -150,8 +150,8 @@ def _results(args: argparse.Namespace) -> int:
         print(df.drop(columns=["error"], errors="ignore"))
     if args.csv:
         df.to_csv(args.csv)
-    if args.parquet:
-        df.to_parquet(args.parquet)
+    if args.parquet:  # trial numbers and reference names share the index: store it as text
+        df.set_axis(df.index.astype(str), axis=0).to_parquet(args.parquet)
     return 0
 
 

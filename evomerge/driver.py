@@ -86,8 +86,10 @@ def run_search(
             _check_layer_groups(job, pool.info[0].get("num_layers"))
             Loop(job, study, space, pool, progress=progress).run()
             from evomerge.heldout import held_out_phase
+            from evomerge.references import reference_phase
 
             held_out_phase(job, study, pool)
+            reference_phase(job, study, pool)
     return study
 
 

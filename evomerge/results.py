@@ -54,7 +54,31 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         row["error"] = t.user_attrs.get("error", "")
         rows.append(row)
+    rows += _reference_rows(study, job)
     return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
+
+
+def _reference_rows(study: optuna.Study, job: JobConfig) -> list[dict[str, Any]]:
+    """Rows ``reference:<name>`` for the merges scored outside the space (state REFERENCE)."""
+    from evomerge.objectives import objective_values
+    from evomerge.references import PREFIX, stored_references
+
+    rows = []
+    for name, ref in stored_references(study).items():
+        metrics = ref.get("metrics", {})
+        row: dict[str, Any] = {"trial": PREFIX + name, "state": "REFERENCE", "baseline": name}
+        try:
+            values: list[Any] = objective_values(job.objectives, metrics)
+        except (KeyError, ValueError):
+            values = [None] * len(job.objectives)
+        for obj, v in zip(job.objectives, values, strict=True):
+            row[f"objective:{obj.label}"] = v
+        row.update({k: v for k, v in metrics.items() if k != "error"})
+        held = ref.get("held_out", {})
+        row.update({f"held_out:{k}": v for k, v in held.items() if k != "error"})
+        row["error"] = metrics.get("error") or held.get("error", "")
+        rows.append(row)
+    return rows
 
 
 def pareto_front(trials: list[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:

@@ -39,7 +39,8 @@ def test_quickstart_config_runs_on_the_tiny_suite(toy_suite_tiny, tmp_path):  # 
     table = run("results", str(tmp_path / "run"), "--csv", str(tmp_path / "t.csv"))
     assert table.returncode == 0, table.stderr[-2000:]
     lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert len(lines) == 7 and "accuracy/rot13" in lines[0]
+    assert len(lines) == 8 and "accuracy/rot13" in lines[0]  # 6 trials + uniform TA reference
+    assert lines[-1].startswith("reference:uniform_task_arithmetic,REFERENCE")
     assert "held_out:accuracy/rot13" in lines[0]
 
     best = run("best", str(tmp_path / "run"))

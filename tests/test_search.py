@@ -68,7 +68,9 @@ def test_search_completes_and_beats_baselines(ray_local, search_suite, tmp_path)
     assert set(held[study.best_trial.number]["metrics"]) == set(t.user_attrs["metrics"])
     df = results_frame(*open_run(tmp_path / "run"))
     task = search_suite["expert_tasks"][0]
-    assert len(df) == 10 and f"held_out:entropy/{task}" in df and f"entropy/{task}" in df
+    assert len(df) == 11 and f"held_out:entropy/{task}" in df and f"entropy/{task}" in df
+    ref = df.loc["reference:uniform_task_arithmetic"]  # uniform TA, outside the TIES space
+    assert ref["state"] == "REFERENCE" and ref[f"held_out:entropy/{task}"] > 0
     # held-out scores the whole test split (``limit`` caps the fitness split only)
     from evomerge.evaluators.entropy import EntropyEvaluator
     from evomerge.recipe import Recipe
@@ -81,6 +83,17 @@ def test_search_completes_and_beats_baselines(ray_local, search_suite, tmp_path)
     assert full.num_examples > 32
     expected = full.evaluate(model, ws.tokenizer)[f"entropy/{task}"]
     assert held[best.number]["metrics"][f"entropy/{task}"] == pytest.approx(expected, rel=1e-5)
+    from evomerge.references import stored_references
+
+    stored = stored_references(study)["uniform_task_arithmetic"]
+    uniform = Recipe.from_dict(stored["recipe"])
+    k = len(job.models.experts)
+    assert uniform.method == "task_arithmetic"
+    assert all(p["weight"] == pytest.approx(1 / k) for p in uniform.models.values())
+    fit = EntropyEvaluator(job.evaluators[0]).evaluate(ws.apply(uniform), ws.tokenizer)
+    assert stored["metrics"][f"entropy/{task}"] == pytest.approx(fit[f"entropy/{task}"], rel=1e-5)
+    held_ta = full.evaluate(ws.apply(uniform), ws.tokenizer)[f"entropy/{task}"]
+    assert stored["held_out"][f"entropy/{task}"] == pytest.approx(held_ta, rel=1e-5)
 
 
 def test_worker_killed_mid_trial_fails_only_that_trial(ray_local, search_suite, tmp_path):
