@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from evomerge import merge_methods as mm
+from evomerge import trimming
 
 QUANTILES = 1024
 
@@ -49,7 +50,7 @@ class TrimTables:
     def __init__(self, deltas: Mapping[str, Tensor], cache_bytes: int | None) -> None:
         self._deltas = deltas
         self._cache_bytes = cache_bytes
-        self._tables: dict[tuple[str, int], mm.MagnitudeTable] = {}
+        self._tables: dict[tuple[str, int], trimming.MagnitudeTable] = {}
         self.full: bool | None = None  # decided on first use
 
     def kth(self, name: str, row: int) -> Callable[[int], Tensor]:
@@ -60,7 +61,7 @@ class TrimTables:
         if table.step == 1:
             return lambda r: table.values[r]
         delta = self._deltas[name][row]
-        return lambda r: mm.table_kth(delta.reshape(-1).abs().float(), table, r)
+        return lambda r: trimming.table_kth(delta.reshape(-1).abs().float(), table, r)
 
     def _build(self) -> None:
         need = sum(d.numel() * d.element_size() for d in self._deltas.values())
@@ -69,7 +70,7 @@ class TrimTables:
         for name, stack in self._deltas.items():
             for row in range(stack.shape[0]):
                 size = stack[row].numel() if self.full else QUANTILES
-                self._tables[(name, row)] = mm.magnitude_table(stack[row].abs(), size)
+                self._tables[(name, row)] = trimming.magnitude_table(stack[row].abs(), size)
 
 
 class DareLevels:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evomerge import kernels
+from evomerge import kernels, trimming
 from evomerge import merge_methods as mm
 from evomerge.config import LoadConfig
 from evomerge.loading import (
@@ -191,7 +191,7 @@ class Workspace:
         gamma = kwargs.get("gamma", [0.0] * len(rows))
         lo, hi = [], []
         for row, density, g in zip(rows, kwargs["density"], gamma, strict=True):
-            bounds = mm.trim_bounds(kind, n, density=density, gamma=g,
+            bounds = trimming.trim_bounds(kind, n, density=density, gamma=g,
                                     kth=self.tables.kth(name, row))
             lo.append(0.0 if bounds is None else float(bounds[0]))
             hi.append(math.inf if bounds is None else float(bounds[1]))

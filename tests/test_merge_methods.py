@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from evomerge import merge_methods as mm
+from evomerge import trimming
 from evomerge.coefficients import layer_index, per_layer, resolve
 from evomerge.methods_spec import METHODS
 from evomerge.registries import MERGE_METHODS
@@ -53,7 +54,7 @@ def test_ties_trims_each_task_vector_to_its_density():
 
 def test_magnitude_trim_counts_follow_mergekit():
     a = torch.arange(1.0, 11.0)
-    kth = mm.sorted_kth(a)
+    kth = trimming.sorted_kth(a)
     assert mm.trim_mask(a, method="magnitude", density=1.0, gamma=0, kth=kth) is None
     assert not mm.trim_mask(a, method="magnitude", density=0.0, gamma=0, kth=kth).any()
     assert mm.trim_mask(a, method="magnitude", density=0.01, gamma=0, kth=kth).sum() == 1
@@ -63,7 +64,7 @@ def test_magnitude_trim_counts_follow_mergekit():
 
 def test_breadcrumbs_drops_largest_gamma_and_smallest():
     a = torch.arange(1.0, 11.0)
-    kth = mm.sorted_kth(a)
+    kth = trimming.sorted_kth(a)
     keep = mm.trim_mask(a, method="outliers", density=0.5, gamma=0.2, kth=kth)
     assert a[keep].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
     # gamma shrinks so that density is still met
@@ -78,11 +79,11 @@ def test_breadcrumbs_drops_largest_gamma_and_smallest():
 def test_magnitude_table_gives_exact_ranks(n, size):
     gen = torch.Generator().manual_seed(n)
     a = torch.randint(0, 50, (n,), generator=gen).float()  # many ties
-    table = mm.magnitude_table(a, size)
+    table = trimming.magnitude_table(a, size)
     reference = torch.sort(a, descending=True).values
     for r in range(n):
-        assert mm.table_kth(a, table, r) == reference[r], r
-    assert mm.sorted_kth(a)(a, n - 1) == reference[-1]
+        assert trimming.table_kth(a, table, r) == reference[r], r
+    assert trimming.sorted_kth(a)(a, n - 1) == reference[-1]
 
 
 def test_rescale_restores_l1_norm():
