@@ -23,12 +23,7 @@ from evomerge.pool import WorkerPool
 from evomerge.progress import Progress
 from evomerge.recipe import Recipe
 from evomerge.samplers import make_sampler
-from evomerge.study import (
-    closing,
-    counted_trials,
-    fail_interrupted,
-    open_study,
-)
+from evomerge.study import closing, counted_trials, fail_interrupted, open_study
 
 
 @dataclass
@@ -64,8 +59,8 @@ def run_search(
     """
     check_objectives(job.objectives, job.evaluators)
     space = build_space(job)
-    start = space.baselines().get("uniform") if hasattr(space, "baselines") else None
-    sampler = make_sampler(job.search.sampler, space.distributions(), start)
+    baselines = space.baselines()
+    sampler = make_sampler(job.search.sampler, space.distributions(), baselines.get("uniform"))
     if job.toy_suite is not None:
         from evomerge.toy.build import build_suite
 
@@ -76,7 +71,7 @@ def run_search(
     with closing(study):  # the run's writer lock, held until the driver is done
         rerun = fail_interrupted(study) if resume else []
         if not study.trials and job.search.baselines:
-            for name, params in space.baselines().items():
+            for name, params in baselines.items():
                 study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
         full = set(space.distributions())
         for r in rerun:  # a trial killed inside ask() may have no or partial parameters: skip
