@@ -37,7 +37,10 @@ _CHUNK = 2000  # system attribute values are stored as strings; keep each record
 
 
 def to_unit(value: float, dist: FloatDistribution) -> float:
-    """``value`` of ``dist`` mapped to ``[0, 1]`` (log-scaled where ``dist.log``)."""
+    """``value`` of ``dist`` mapped to ``[0, 1]`` (log-scaled where ``dist.log``); a bound with
+    ``low == high`` (a pinned parameter) maps to the middle."""
+    if dist.single():
+        return 0.5
     if dist.log:
         return (math.log(value) - math.log(dist.low)) / (math.log(dist.high) - math.log(dist.low))
     return (value - dist.low) / (dist.high - dist.low)

@@ -195,9 +195,24 @@ def linear(base: Tensor | None, tensors: Tensor, *, weight: Sequence[float], nor
     if normalize:
         total = w.sum()
         if total == 0:
-            raise ValueError("linear with normalize: true needs weights that do not sum to 0")
+            raise zero_total_error(weight)
         result.div_(total)
     return result.to(tensors.dtype)
+
+
+def zero_total_error(weight: Sequence[float], *, tensor: str | None = None,
+                     models: Sequence[str] | None = None) -> ValueError:
+    """The error for a ``normalize: true`` linear merge whose weights sum to 0 (mergekit 0.1.5
+    divides anyway and writes NaN tensors; the task-arithmetic family divides by 1 instead)."""
+    names = models or [f"model {k}" for k in range(len(weight))]
+    listed = ", ".join(f"{n}={float(w):g}" for n, w in zip(names, weight, strict=True))
+    what = "all weights are 0" if not any(weight) else "the weights sum to 0"
+    where = f" for tensor {tensor!r}" if tensor else ""
+    return ValueError(
+        f"linear: {what}{where} with normalize: true ({listed}), so the weighted mean is "
+        "undefined; give some model a non-zero weight (search.space.bounds.weight.low above 0 "
+        "ensures it) or set normalize: false"
+    )
 
 
 def task_arithmetic(base, tensors, *, weight, lambda_=1.0, normalize=False):

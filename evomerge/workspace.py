@@ -150,7 +150,7 @@ class Workspace:
             other = deltas[0].view(base.shape).float() + base.float()
             param.copy_(mm.slerp(base, other[None], **kwargs))
         elif method in ("linear", "task_arithmetic"):
-            beta, coeffs = _linear_coefficients(method, plan.models, self.anchor, kwargs)
+            beta, coeffs = _linear_coefficients(method, plan.models, self.anchor, kwargs, name)
             kernels.run(kernels.linear_kernel, out, flat, deltas, self._pack([beta, *coeffs]))
         elif method in DARE:
             packed, cum = self.dare.get(recipe.seed, name, rows)
@@ -207,14 +207,14 @@ def _trim_scale(deltas: Tensor, lo: list[float], hi: list[float]) -> list[float]
 
 
 def _linear_coefficients(method: str, models: tuple[str, ...], anchor: str,
-                         kwargs: dict) -> tuple[float, list[float]]:
+                         kwargs: dict, name: str) -> tuple[float, list[float]]:
     """``(beta, c)`` with the merge = ``beta * anchor + sum_k c_k tau_k`` over the non-anchor
     models (``linear``: ``theta_k = anchor + tau_k``, the anchor's own tau is 0)."""
     weight = kwargs["weight"]
     total = sum(weight)
     if method == "linear":
         if kwargs["normalize"] and total == 0:
-            raise ValueError("linear with normalize: true needs weights that do not sum to 0")
+            raise mm.zero_total_error(weight, tensor=name, models=models)
         div = total if kwargs["normalize"] else 1.0
         coeffs = [w / div for m, w in zip(models, weight, strict=True) if m != anchor]
         return total / div, coeffs

@@ -34,6 +34,19 @@ def test_unit_mapping_round_trips_linear_and_log() -> None:
     assert to_unit(0.1, SPACE["b"]) == pytest.approx(2 / 4)  # 1e-3 .. 10 is 4 decades
 
 
+def test_pinned_parameter_low_equals_high_is_searched_around() -> None:
+    """Bounds with low == high (e.g. weight {low: 0, high: 0}) once divided by zero."""
+    pinned = FloatDistribution(0.0, 0.0)
+    assert to_unit(0.0, pinned) == 0.5 and from_unit(0.9, pinned) == 0.0
+    space = {**SPACE, "c": pinned}
+    sampler = IpopCmaSampler(space, popsize=4, seed=0, restarts=1, patience=2, x0={"a": 0.5, "b": 1.0, "c": 0.0})
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    for _ in range(12):
+        trial = study.ask(space)
+        study.tell(trial, -trial.params["a"])
+    assert {t.params["c"] for t in study.trials} == {0.0}
+
+
 def test_flat_objective_restarts_with_growing_population_up_to_the_limit() -> None:
     sampler = IpopCmaSampler(SPACE, popsize=4, seed=0, restarts=2, patience=3)
     study = optuna.create_study(sampler=sampler, direction="maximize")

@@ -330,16 +330,18 @@ def test_export_run_refuses_bad_trials(run, tmp_path, capsys, args, message):
 def test_existing_out_needs_force_and_force_replaces(run, tmp_path, capsys, monkeypatch):
     run_dir, ties = run
     out = tmp_path / "m.yaml"
-    out.write_text("keep me")
+    export_run(run_dir, out, "recipe", trial=0)  # a previous export: the only thing --force takes
+    before = out.read_text()
     assert cli.main(["export", str(run_dir), str(out), "--format", "recipe"]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
-    assert out.read_text() == "keep me"
+    assert out.read_text() == before
     assert cli.main(["export", str(run_dir), str(out), "--format", "recipe", "--force"]) == 0
     assert Recipe.from_yaml(out.read_text()) == ties(0.6)
     folder = tmp_path / "folder"
-    (folder / "old").mkdir(parents=True)
+    export_run(run_dir, folder, "mergekit", pareto=True)
     export_run(run_dir, folder, "recipe", pareto=True, force=True)
-    assert sorted(p.name for p in folder.iterdir()) == ["index.csv", "trial-2.yaml"]
+    assert sorted(p.name for p in folder.iterdir()) == [".evomerge-export", "index.csv",
+                                                        "trial-2.yaml"]
     work = tmp_path / "work"  # a throwaway current folder: --force must never replace it
     work.mkdir()
     monkeypatch.chdir(work)
@@ -372,7 +374,8 @@ def test_pareto_export_writes_front_and_index(tiny_models, tmp_path):
     out = tmp_path / "front"
     paths = export_run(run_dir, out, "mergekit", pareto=True)
     assert paths == [out / "trial-0.yaml", out / "trial-2.yaml"]
-    assert sorted(p.name for p in out.iterdir()) == ["index.csv", "trial-0.yaml", "trial-2.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [".evomerge-export", "index.csv",
+                                                     "trial-0.yaml", "trial-2.yaml"]
     rows = (out / "index.csv").read_text().splitlines()
     assert rows[0] == "trial,path,objective:acc,objective:cost,acc,cost,extra"
     assert rows[1:] == ["0,trial-0.yaml,0.5,2.0,0.5,2.0,1.5", "2,trial-2.yaml,0.7,4.0,0.7,4.0,3.5"]
