@@ -7,7 +7,9 @@ file can run arbitrary code when it is read.
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,49 @@ def check_weight_files(name: str, folder: Path, *, allow_pickle: bool) -> None:
             "which can run arbitrary code when loaded. Convert them to safetensors, or set "
             "load.allow_pickle: true (LoadConfig(allow_pickle=True)) if you trust the files."
         )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers in ``folder`` (the index's shards if
+    it is sharded); reads a few kilobytes per file, never the weights."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{str(index)!r} is not a valid safetensors index ({err})") from None
+        files = [folder / shard for shard in shards]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f"{str(index)!r} lists shard {f.name!r}, which is missing; download it again"
+                )
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        shapes.update(safetensors_header_shapes(f))
+    return shapes
+
+
+def safetensors_header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from one safetensors file's JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        raw = f.read(size) if 0 < size <= 100_000_000 else b""
+    try:
+        header = json.loads(raw)
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(
+            f"{str(path)!r} is not a valid safetensors file (bad header); download or save "
+            "it again"
+        ) from None
 
 
 def load_model(name: str, source: str, *, load: LoadConfig) -> Any:

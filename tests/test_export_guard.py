@@ -191,3 +191,27 @@ def test_first_export_into_new_nested_folders(site):
     export_recipe(site["recipe"], "nested/new/hf", "hf", force=True)  # its own kind: replaced
     with pytest.raises(ValueError, match="it is inside source model 'a'"):
         export_recipe(site["recipe"], site["models"] / "a" / "config.json", "recipe", force=True)
+
+
+def test_merge_command_has_the_same_guard(site, capsys):
+    """`evomerge merge RECIPE OUT` once wrote into any existing folder (e.g. one with the user's
+    files); it is an hf export now: refused without --force, and --force replaces only an
+    earlier merge output."""
+    recipe_file = site["work"] / "r.yaml"
+    recipe_file.write_text(site["recipe"].to_yaml())
+    mine = site["root"] / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    before = digest(mine)
+    for force in ([], ["--force"]):
+        capsys.readouterr()
+        assert cli.main(["merge", str(recipe_file), str(mine), *force]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("evomerge merge: error: ") and err.count("\n") == 1, err
+        assert digest(mine) == before
+    out = site["root"] / "merged"
+    assert cli.main(["merge", str(recipe_file), str(out)]) == 0
+    assert (out / MARKER).is_file() and (out / "model.safetensors").is_file()
+    assert cli.main(["merge", str(recipe_file), str(out)]) == 2
+    assert cli.main(["merge", str(recipe_file), str(out), "--force"]) == 0
+    assert (out / "model.safetensors").is_file()

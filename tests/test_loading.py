@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evomerge.config import LoadConfig
-from evomerge.loading import load_model, parse_source
+from evomerge.loading import load_model, parse_source, safetensors_shapes, tensor_shapes
 from evomerge.recipe import Recipe
 from evomerge.registry import UnknownNameError
 from evomerge.workspace import Workspace
@@ -130,3 +130,16 @@ def test_methods_with_a_base_need_one(workspace):
     r = Recipe(method="linear", sources=workspace.sources, models={"a": {}}, non_layer="base")
     with pytest.raises(ValueError, match="non_layer: base needs base_model"):
         workspace.apply(r)
+
+
+def test_safetensors_shapes_read_headers_not_weights(tiny_models, tmp_path):
+    model = load_model("a", str(tiny_models["a"]), load=LoadConfig(device="cpu"))
+    assert safetensors_shapes(tiny_models["a"]) == tensor_shapes(model)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert safetensors_shapes(tmp_path / "sharded") == tensor_shapes(model)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\xff" * 8)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        safetensors_shapes(bad)

@@ -1,0 +1,365 @@
+"""Preflight: check a job's files, models and machine before Ray starts or anything is written.
+
+``evomerge validate`` and :func:`evomerge.driver.run_search` call :func:`preflight`. It reads
+``config.json`` files, safetensors headers and the evaluation JSONL, never weights, and raises
+:class:`ConfigError` naming the dotted key and the fix on one line: a missing or odd model folder,
+pickle-only weights, models whose tensors differ, ``layer_groups`` above the layer count, a hub
+id that cannot be fetched, missing or malformed data, a ``run_dir`` that cannot be created, a
+device or GPU this machine lacks, an objective no evaluator produces.
+
+>>> notes = preflight(load_job("configs/quickstart.yaml"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.config import DataEvalConfig, JobConfig
+from evomerge.loading import (
+    SAFETENSORS_INDEX,
+    TOKENIZER_FILES,
+    check_same_tensors,
+    check_weight_files,
+    locate,
+    parse_source,
+    safetensors_shapes,
+)
+from evomerge.strict import ConfigError
+
+HUB_TIMEOUT_S = 10.0
+
+
+@dataclass
+class ModelInfo:
+    key: str
+    config: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]] | None  # None: weights not local or pickle-only
+
+
+def preflight(
+    job: JobConfig, *, storage_url: str | None = None, address: str | None = None
+) -> list[str]:
+    """Refuse the job with one :class:`ConfigError` line, or return notes on skipped checks.
+
+    Model and data paths inside a ``toy_suite.dir`` that is not built yet are skipped (with a
+    note): ``run_search`` builds the suite first, then calls this again.
+    """
+    from evomerge.objectives import check_objectives
+
+    try:
+        check_objectives(job.objectives, job.evaluators)
+    except ValueError as err:
+        raise ConfigError(f"{err}; fix the metric name or add the evaluator") from None
+    pending = _pending_toy_suite(job)
+    _check_storage(job, storage_url)
+    if not (address or job.resources.address or os.environ.get("RAY_ADDRESS")):
+        _check_machine(job)  # on a cluster the workers run elsewhere
+    _check_agreement(job, _check_models(job, pending))
+    _check_data(job, pending)
+    if pending is None:
+        return []
+    return [
+        f"toy_suite.dir {job.toy_suite.dir!r} is not built yet, so the models and data in it "  # type: ignore[union-attr]
+        "were not checked; `evomerge search` builds it, then checks them"
+    ]
+
+
+def _pending_toy_suite(job: JobConfig) -> Path | None:
+    if job.toy_suite is None:
+        return None
+    from evomerge.toy.build import suite_is_valid
+
+    root = Path(job.toy_suite.dir)
+    return None if suite_is_valid(root, job.toy_suite.size) else root.resolve()
+
+
+def _inside(path: str | Path, root: Path | None) -> bool:
+    return root is not None and Path(path).expanduser().resolve().is_relative_to(root)
+
+
+# -- where the run writes ----------------------------------------------------------------------
+def _check_storage(job: JobConfig, storage_url: str | None) -> None:
+    url = storage_url or job.storage
+    if url is None:
+        check_writable_dir("run_dir", job.resolved_run_dir)
+    elif url.startswith("journal:"):
+        check_writable_dir("storage", Path(url.removeprefix("journal:")).parent)
+
+
+def check_writable_dir(key: str, folder: Path) -> None:
+    """``folder`` exists as a writable folder or could be created; nothing is created."""
+    node = folder
+    while not node.exists():
+        if node.parent == node:
+            break
+        node = node.parent
+    if not node.is_dir():
+        raise ConfigError(
+            f"{key}: {str(folder)!r} cannot be a folder: {str(node)!r} is a file; choose "
+            "another path"
+        )
+    if not os.access(node, os.W_OK | os.X_OK):
+        what = "is not writable" if node == folder else f"cannot be created in {str(node)!r}"
+        raise ConfigError(
+            f"{key}: {str(folder)!r} {what} (no write permission or a read-only disk); "
+            "choose a writable folder"
+        )
+
+
+# -- this machine ------------------------------------------------------------------------------
+def _check_machine(job: JobConfig) -> None:
+    device = job.load.device
+    if device.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            have = f"has {count} CUDA device(s)" if count else "has no CUDA device"
+            raise ConfigError(
+                f"load.device: {device!r} but this machine {have} "
+                "(torch.cuda.is_available() is False or the index is too high); use "
+                "device: cpu, or run where the GPU is"
+            )
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError("load.device: 'mps' is not available here; use device: cpu")
+    if not _ray_running():
+        _check_local_resources(job)
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # an already started Ray has its own resources
+    return bool(ray is not None and ray.is_initialized())
+
+
+def _check_local_resources(job: JobConfig) -> None:
+    """A local Ray waits forever for an actor that asks for more than the machine has."""
+    res = job.resources
+    if res.num_gpus > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if res.num_gpus * res.workers > gpus:
+            raise ConfigError(
+                f"resources.num_gpus: {res.workers} worker(s) x {res.num_gpus:g} GPU need "
+                f"{res.num_gpus * res.workers:g} GPU(s) but this machine has {gpus}; lower "
+                "num_gpus or workers, or pass --address of a cluster"
+            )
+    cpus = os.cpu_count() or 1
+    if res.num_cpus * res.workers > cpus:
+        raise ConfigError(
+            f"resources.num_cpus: {res.workers} worker(s) x {res.num_cpus:g} CPU need "
+            f"{res.num_cpus * res.workers:g} CPUs but this machine has {cpus}; lower num_cpus "
+            "or workers, or pass --address of a cluster"
+        )
+
+
+# -- models ------------------------------------------------------------------------------------
+def _model_key(name: str) -> str:
+    return "models.base.path" if name == "base" else f"models.experts.{name}.path"
+
+
+def _check_models(job: JobConfig, pending: Path | None) -> dict[str, ModelInfo]:
+    infos: dict[str, ModelInfo] = {}
+    for name, source in job.models.sources().items():
+        key = _model_key(name)
+        location, revision = parse_source(source)
+        if _inside(location, pending):
+            continue
+        try:
+            where, revision, local = locate(name, source)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"{key}: {err}") from None
+        info = (
+            _local_model(key, name, Path(where), allow_pickle=job.load.allow_pickle)
+            if local
+            else _hub_model(key, where, revision)
+        )
+        if info is not None:
+            infos[name] = info
+    return infos
+
+
+def _local_model(key: str, name: str, folder: Path, *, allow_pickle: bool) -> ModelInfo:
+    config = _read_json(key, folder / "config.json")
+    try:
+        check_weight_files(name, folder, allow_pickle=allow_pickle)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {str(folder)!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer into the model folder (tokenizer.save_pretrained)"
+        )
+    has_safetensors = (folder / SAFETENSORS_INDEX).is_file() or any(folder.glob("*.safetensors"))
+    try:
+        shapes = safetensors_shapes(folder) if has_safetensors else None
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return ModelInfo(key, config, shapes)
+
+
+def _read_json(key: str, path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(
+            f"{key}: {str(path)!r} is not valid JSON ({err}); save the model again with "
+            "save_pretrained"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {str(path)!r} is not a JSON object; save the model again")
+    return data
+
+
+def _hub_model(key: str, repo: str, revision: str | None) -> ModelInfo | None:
+    """A hub id must be in the local cache when offline, or known to the hub when online."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return ModelInfo(key, _read_json(key, Path(cached)), None)
+    at = f" at revision {revision!r}" if revision else ""
+    if _hub_offline(constants):
+        raise ConfigError(
+            f"{key}: {repo!r} is no local folder, and as a hub model{at} it is not in the "
+            f"local Hugging Face cache while HF_HUB_OFFLINE is set; download it first "
+            f"(huggingface-cli download {repo}) or give a local folder"
+        )
+    _ask_hub(key, repo, revision, at)
+    return None
+
+
+def _hub_offline(constants: Any) -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE or env)
+
+
+def _ask_hub(key: str, repo: str, revision: str | None, at: str) -> None:
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+    except RevisionNotFoundError:
+        raise ConfigError(
+            f"{key}: hub model {repo!r} has no revision {revision!r}; fix the @revision"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ConfigError(
+            f"{key}: hub model {repo!r} does not exist or needs a token (huggingface-cli "
+            "login); fix the id or give a local folder"
+        ) from None
+    except Exception as err:  # no network, DNS, timeout, proxy: all mean "cannot fetch it"
+        raise ConfigError(
+            f"{key}: cannot reach the Hugging Face hub for {repo!r}{at} "
+            f"({type(err).__name__}); check the network, or download it and set "
+            "HF_HUB_OFFLINE=1"
+        ) from None
+
+
+def _check_agreement(job: JobConfig, infos: dict[str, ModelInfo]) -> None:
+    """Same architecture and tensors as the anchor (the base, else the first expert)."""
+    anchor = next(iter(job.models.sources()))
+    ref = infos.get(anchor)
+    if ref is None:
+        return
+    for name, info in infos.items():
+        if name == anchor:
+            continue
+        want, got = _arch(ref.config), _arch(info.config)
+        if want != got:
+            raise ConfigError(
+                f"{info.key}: model {name!r} is {got[0]} {list(got[1])} but {anchor!r} is "
+                f"{want[0]} {list(want[1])}; models to merge must share one architecture"
+            )
+        if ref.shapes is not None and info.shapes is not None:
+            try:
+                check_same_tensors(anchor, ref.shapes, name, info.shapes)
+            except ValueError as err:
+                raise ConfigError(f"{info.key}: {err}") from None
+    _check_layer_groups(job, ref.config)
+
+
+def _arch(config: dict[str, Any]) -> tuple[Any, tuple[Any, ...]]:
+    return config.get("model_type"), tuple(config.get("architectures") or ())
+
+
+def _check_layer_groups(job: JobConfig, config: dict[str, Any]) -> None:
+    groups = getattr(job.search.space, "layer_groups", 1)
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else config
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in text),
+                  None)
+    if isinstance(layers, int) and groups > layers:
+        raise ConfigError(
+            f"search.space.layer_groups: {groups} but the models have {layers} layers; use at "
+            f"most {layers}"
+        )
+
+
+# -- evaluation data ---------------------------------------------------------------------------
+def _check_data(job: JobConfig, pending: Path | None) -> None:
+    from evomerge.worker import has_held_out
+
+    for i, ev in enumerate(job.evaluators):
+        include = getattr(ev, "include_path", None)
+        if include is not None and not _inside(include, pending) and not Path(include).exists():
+            raise ConfigError(
+                f"evaluators.{i}.include_path: {include!r} does not exist; fix the path"
+            )
+        if not isinstance(ev, DataEvalConfig) or _inside(ev.data, pending):
+            continue
+        _check_split(f"evaluators.{i}.data", ev, ev.split)
+        if ev.held_out_split and job.search.held_out_top_k > 0 and has_held_out(ev):
+            _check_split(f"evaluators.{i}.held_out_split", ev, ev.held_out_split)
+
+
+def _check_split(key: str, ev: DataEvalConfig, split: str) -> None:
+    from evomerge.evaluators.base import read_jsonl, resolve_data
+
+    try:
+        path = resolve_data(ev.data, split)
+        rows = read_jsonl(path, required=_required(ev))
+    except FileNotFoundError as err:
+        fix = "or set held_out_split: null" if key.endswith("held_out_split") else "or fix data"
+        raise ConfigError(f"{key}: {err}; add the file {fix}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{key}: {err}; fix that line of the file") from None
+    if ev.name == "accuracy":
+        need = ("choices", "label") if "choices" in rows[0] else ("answer",)
+        _check_rows(key, path, rows, need)
+    elif ev.name == "perplexity" and getattr(ev, "field", None) == "text":
+        for lineno, row in enumerate(rows, start=1):
+            if "text" not in row and not {"prompt", "answer"} <= set(row):
+                raise ConfigError(
+                    f"{key}: {path}: row {lineno} has no 'text' (keys: {sorted(row)}); set "
+                    "the evaluator's 'field' to the key holding the text"
+                )
+
+
+def _required(ev: DataEvalConfig) -> tuple[str, ...]:
+    field = getattr(ev, "field", None)
+    if field is None:  # accuracy
+        return ("prompt",)
+    if ev.name == "perplexity" and field == "text":
+        return ()  # the toy data's prompt + answer also make a text (evaluators.text)
+    return (field,)
+
+
+def _check_rows(key: str, path: Path, rows: list[dict[str, Any]], need: tuple[str, ...]) -> None:
+    for lineno, row in enumerate(rows, start=1):
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise ConfigError(
+                f"{key}: {path}: row {lineno} lacks {missing}; every row needs "
+                f"{', '.join(need)} like row 1"
+            )
