@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("out", type=Path)
     mg.add_argument("--device", default="cpu")
     mg.add_argument("--allow-pickle", action="store_true", help="allow .bin checkpoints")
+    mg.add_argument("--force", action="store_true", help="replace OUT if it is an earlier export")
 
     se = sub.add_parser("search", help="run a search job to its budget")
     se.add_argument("job", type=Path)
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
     va = sub.add_parser("validate", help="check a job config and print it resolved")
     va.add_argument("job", type=Path)
+    va.add_argument("--address", help="the Ray cluster it will run on (skips this machine's "
+                    "device checks)")
 
     for name, text in (("results", "print the trial table"), ("best", "print the best recipe(s)")):
         r = sub.add_parser(name, help=text)
@@ -77,7 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         return int(_COMMANDS[args.command](args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
+        import errno
+
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # a full disk
+            from evomerge.storage import DiskFullError
+
+            search = args.command == "search"
+            then = f"run `evomerge search {args.job} --resume`" if search else "run it again"
+            err = DiskFullError(getattr(err, "filename", None), then=then)
+        elif isinstance(err, OSError) and not isinstance(err, FileNotFoundError | FileExistsError):
+            raise
         print(f"evomerge {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -91,8 +104,8 @@ def _toy(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from evomerge.config import LoadConfig
+    from evomerge.export import export_recipe
     from evomerge.recipe import Recipe
-    from evomerge.workspace import merge_to_folder
 
     if not args.recipe.is_file():
         raise FileNotFoundError(f"recipe {str(args.recipe)!r} does not exist")
@@ -100,7 +113,8 @@ def _merge(args: argparse.Namespace) -> int:
     load = LoadConfig(
         device=args.device, allow_pickle=args.allow_pickle, dtype=recipe.dtype or "float32"
     )
-    print(merge_to_folder(recipe, args.out, load=load))
+    # an HF export: same weights, plus the card and the marker that makes --force safe
+    print(export_recipe(recipe, args.out, "hf", force=args.force, load=load))
     return 0
 
 
@@ -129,10 +143,11 @@ def _validate(args: argparse.Namespace) -> int:
     import yaml
 
     from evomerge.config import load_job
-    from evomerge.objectives import check_objectives
+    from evomerge.preflight import preflight
 
     job = load_job(args.job)
-    check_objectives(job.objectives, job.evaluators)
+    for note in preflight(job, address=args.address):
+        print(f"evomerge validate: note: {note}", file=sys.stderr)
     print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 

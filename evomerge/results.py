@@ -17,6 +17,7 @@ from evomerge.config import JobConfig, load_job
 from evomerge.fidelity import dominates
 from evomerge.heldout import stored_held_out
 from evomerge.storage import open_storage
+from evomerge.storage import storage_url as storage_url_of
 
 
 def open_run(run: str | Path, *, storage_url: str | None = None) -> tuple[optuna.Study, JobConfig]:
@@ -27,12 +28,22 @@ def open_run(run: str | Path, *, storage_url: str | None = None) -> tuple[optuna
         raise FileNotFoundError(
             f"{str(p)!r} is not a run folder (no job.yaml inside) nor a job config file"
         )
-    job = load_job(job_path)
-    storage = open_storage(storage_url or job.storage, job.resolved_run_dir)
+    job = load_job(job_path)  # a job.yaml that is not valid: one line naming it
+    url = storage_url_of(storage_url or job.storage, job.resolved_run_dir)
+    journal = Path(url.removeprefix("journal:")) if url.startswith("journal:") else None
+    where = journal or url
+    if journal is not None and not journal.is_file():
+        raise FileNotFoundError(
+            f"no study journal at {journal}: the search has not started yet, or the run's "
+            "storage is elsewhere (pass --storage URL)"
+        )
+    storage = open_storage(url, job.resolved_run_dir)
     try:
         study = optuna.load_study(study_name=job.name, storage=storage, sampler=None)
     except KeyError:
-        raise FileNotFoundError(f"no study named {job.name!r} in {job.resolved_run_dir}") from None
+        empty = journal is not None and journal.stat().st_size == 0
+        where = f"{where} (the file is empty)" if empty else where
+        raise FileNotFoundError(f"no study named {job.name!r} in {where}") from None
     return study, job
 
 

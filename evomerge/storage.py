@@ -7,19 +7,24 @@
 
 The driver opens a journal file with ``writer=True``: a :class:`DriverJournalFile` that holds an
 exclusive lock on the journal for its lifetime and appends without optuna's per-write lock
-file and fsync (a second driver on the same run is refused). Everything else (results, export,
-dashboards) reads with optuna's own ``JournalFileBackend``, which skips a partly written last
-line, so reading while the driver writes is safe.
+file and fsync (a second driver on the same run is refused). Everything else (results, export)
+reads with :class:`JournalFileReader`, optuna's own ``JournalFileBackend`` that skips a partly
+written last line, so reading while the driver writes is safe, and names the file and the record
+when a line in the middle is corrupt.
+
+A full disk (``ENOSPC``, ``EDQUOT``) while appending raises :class:`DiskFullError`; the partial
+record is cut off again, so the journal stays whole and ``--resume`` continues from it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +40,37 @@ _CHUNK = 1 << 20
 
 class JournalLockedError(RuntimeError):
     """Another process (an ``evomerge search`` driver) holds the journal's writer lock."""
+
+
+class DiskFullError(RuntimeError):
+    """No space left (or over quota) on the file system of ``path`` while writing it.
+
+    ``then`` says how to carry on once there is space again. ``errno`` and ``filename`` are
+    those of the ``OSError`` it stands for.
+    """
+
+    ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+    def __init__(
+        self, path: str | Path | None, *, then: str = "run `evomerge search JOB --resume`"
+    ) -> None:
+        self.errno = errno.ENOSPC
+        self.filename = path
+        what = f"cannot write {path}" if path else "a write failed"
+        super().__init__(
+            f"the disk is full ({what}); free space on it, then {then} to continue: "
+            "everything written before is kept"
+        )
+
+
+def corrupt_record(path: str | Path, number: int, err: json.JSONDecodeError) -> ValueError:
+    """The error for an invalid line ``number`` (1-based) in the middle of a journal."""
+    keep, what = number - 1, f"{err.msg.removesuffix(' at')} at column {err.colno}"
+    return ValueError(
+        f"{path}: record {number} is not valid JSON ({what}); the journal is corrupt from line "
+        f"{number} on: repair that line, or keep the {keep} records before it "
+        f"(`head -n {keep} {path} > repaired.journal`), losing those after it"
+    )
 
 
 class DriverJournalFile(BaseJournalBackend):
@@ -110,10 +146,7 @@ class DriverJournalFile(BaseJournalBackend):
         try:
             log: dict[str, Any] = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{self.path}: record {number + 1} is not valid JSON ({err}); the journal "
-                "is corrupt"
-            ) from None
+            raise corrupt_record(self.path, number + 1, err) from None
         return log
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
@@ -121,12 +154,28 @@ class DriverJournalFile(BaseJournalBackend):
         if self._closed is not None:
             return self._closed.append_logs(logs)
         assert self._file is not None
+        fd = self._file.fileno()
         data = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
         view = memoryview(data.encode("utf-8"))
-        while view:
-            view = view[os.write(self._file.fileno(), view) :]
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        start = os.fstat(fd).st_size  # the end: this process is the only writer
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as err:
+            if err.errno not in DiskFullError.ERRNOS:
+                raise
+            self._cut_back(start)
+            raise DiskFullError(self.path) from None
+
+    def _cut_back(self, size: int) -> None:
+        """Remove what a failed append wrote after ``size``: never acknowledged, and a torn
+        line in the middle would make the journal unreadable once more lines follow."""
+        assert self._file is not None
+        fd = self._file.fileno()
+        if os.fstat(fd).st_size > size:
+            os.truncate(fd, size)
 
     def close(self) -> None:
         """Release the writer lock; later calls go through optuna's locking backend."""
@@ -138,6 +187,31 @@ class DriverJournalFile(BaseJournalBackend):
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+
+
+class JournalFileReader(JournalFileBackend):
+    """optuna's ``JournalFileBackend`` whose error for a corrupt line names the file, the record
+    and the fix (optuna's own says e.g. ``Invalid control character at: line 1 column 138``)."""
+
+    def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
+        try:
+            yield from super().read_logs(log_number_from)
+        except ValueError as err:  # json.JSONDecodeError or optuna's "Invalid log format."
+            found = _first_corrupt_line(Path(self._file_path))
+            if found is None:
+                raise
+            raise found from err
+
+
+def _first_corrupt_line(path: Path) -> ValueError | None:
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        for number, (line, _) in enumerate(_complete_lines(fd, 0, os.fstat(fd).st_size), 1):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return corrupt_record(path, number, err)
+    return None
 
 
 def _complete_lines(fd: int, pos: int, size: int) -> Iterator[tuple[bytes, int]]:
@@ -197,7 +271,7 @@ def open_storage(
         path.parent.mkdir(parents=True, exist_ok=True)
         if writer:
             return JournalStorage(DriverJournalFile(path, fsync=fsync))
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileReader(str(path)))
     if url.startswith("redis://") or url.startswith("rediss://"):
         from optuna.storages.journal import JournalRedisBackend
 

@@ -223,3 +223,71 @@ def test_sigkill_loses_nothing_already_told(tmp_path):
     assert trials[25].state == TrialState.RUNNING and len(trials) == 26
     # the lock died with the process:
     close_storage(open_storage(f"journal:{path}", tmp_path, writer=True))
+
+
+def finished_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A run folder as ``evomerge search`` leaves it: job.yaml and a journal of 8 trials."""
+    import yaml
+
+    from tests.test_search import job_dict
+
+    run = tmp_path / "run"
+    data = job_dict({"dir": tmp_path / "models", "expert_tasks": ["a", "b"]}, run)
+    run.mkdir()
+    (run / "job.yaml").write_text(yaml.safe_dump(data))
+    storage = open_storage(None, run, writer=True)
+    study = optuna.create_study(study_name=data["name"], storage=storage)
+    for i in range(8):
+        trial = study.ask(DISTS)
+        trial.set_user_attr("metrics", {"entropy/a": i / 8})
+        trial.set_user_attr("recipe", {"method": "ties", "i": i})
+        study.tell(trial, i / 8)
+    close_storage(storage)
+    return run, run / "study.journal"
+
+
+@pytest.mark.parametrize("command", ["results", "best"])
+def test_corrupt_middle_record_names_the_file_the_record_and_the_fix(tmp_path, capsys, command):
+    from evomerge.cli import main
+
+    run, journal = finished_run(tmp_path)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    k = len(lines) // 2
+    lines[k] = lines[k].replace(b'"op_code"', b'"op\x01code"')  # a control character
+    journal.write_bytes(b"".join(lines))
+    assert main([command, str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(
+        f"evomerge {command}: error: {journal}: record {k + 1} is not valid JSON (Invalid "
+        f"control character at column 5); the journal is corrupt from line {k + 1} on"
+    ), err
+    assert f"`head -n {k} {journal} > repaired.journal`" in err
+
+
+def test_a_partial_last_line_is_still_skipped_by_readers(tmp_path, capsys):
+    from evomerge.cli import main
+
+    run, journal = finished_run(tmp_path)
+    with open(journal, "ab") as f:
+        f.write(b'{"op_code": 5, "worker_id": "w", "tri')  # a driver in the middle of a write
+    assert main(["results", str(run)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 10  # 2 header lines, 8 trials
+
+
+def test_empty_missing_journal_and_bad_job_yaml_are_one_line_naming_the_file(tmp_path, capsys):
+    from evomerge.cli import main
+
+    run, journal = finished_run(tmp_path)
+    journal.write_bytes(b"")
+    assert main(["results", str(run)]) == 2
+    assert capsys.readouterr().err.endswith(f"in {journal} (the file is empty)\n")
+    journal.unlink()
+    assert main(["results", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"evomerge results: error: no study journal at {journal}:")
+    assert not journal.exists()  # reading does not create it
+    (run / "job.yaml").write_text('name: "t1\nrun_dir: ')  # cut short inside a string
+    assert main(["results", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {run / 'job.yaml'}:" in err, err
