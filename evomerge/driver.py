@@ -3,13 +3,14 @@
 Ask as many trials as there are idle workers, tell each result as it arrives. Baselines are
 enqueued first. A failed evaluation or a dead worker fails that trial (``user_attrs["error"]``)
 and the search goes on. ``resume=True`` fails trials a dead driver left RUNNING and re-runs
-them, then continues to the budget.
+them, enqueues any baseline not enqueued yet, then continues to the budget. Any other exit of
+the loop (a failure streak, Ctrl-C) fails the trials in flight as interrupted and enqueues
+them again, so a resumed run re-runs them.
 """
 
 from __future__ import annotations
 
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,15 +24,21 @@ from evomerge.pool import WorkerPool
 from evomerge.progress import Progress
 from evomerge.recipe import Recipe
 from evomerge.samplers import make_sampler
-from evomerge.study import closing, counted_trials, fail_interrupted, open_study
+from evomerge.study import (
+    closing,
+    counted_trials,
+    enqueue_baselines,
+    fail_interrupted,
+    json_metrics,
+    open_study,
+    requeue,
+)
 
 
 @dataclass
 class Candidate:
     trial: optuna.trial.Trial
     recipe: Recipe
-    worker: int
-    baseline: str | None
     rung: int = 0
     rungs: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
@@ -65,18 +72,17 @@ def run_search(
         from evomerge.toy.build import build_suite
 
         build_suite(job.toy_suite.dir, size=job.toy_suite.size)
+    from evomerge.preflight import preflight
+
+    preflight(job, storage_url=storage_url, address=address)  # before Ray or any file
     study = open_study(
         job, sampler=sampler, resume=resume, storage_url=storage_url, fsync=job.storage_fsync
     )
     with closing(study):  # the run's writer lock, held until the driver is done
-        rerun = fail_interrupted(study) if resume else []
-        if not study.trials and job.search.baselines:
-            for name, params in baselines.items():
-                study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
-        full = set(space.distributions())
-        for r in rerun:  # a trial killed inside ask() may have no or partial parameters: skip
-            if set(r["params"]) == full:
-                study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
+        if resume:
+            requeue(study, fail_interrupted(study), space.distributions())
+        if job.search.baselines:
+            enqueue_baselines(study, baselines)
         with WorkerPool(job, address=address, worker_class=worker_class) as pool:
             _check_layer_groups(job, pool.info[0].get("num_layers"))
             Loop(job, study, space, pool, progress=progress).run()
@@ -110,7 +116,6 @@ class Loop:
         self.rf = fid.reduction_factor if fid else 2
         self.signs = [1 if o.direction == "maximize" else -1 for o in job.objectives]
         self.rung_history: dict[int, list[list[float]]] = {}
-        self.inflight: dict[Any, Candidate] = {}
         self.done = counted_trials(study)
         self.fail_streak = 0
         self.progress = Progress(
@@ -128,26 +133,34 @@ class Loop:
         try:
             while True:
                 self._fill()
-                if not self.inflight:
+                if not self.pool.inflight and not (self.pool.restarting and self._room()):
                     break
-                ref, cand, result, error = self.pool.next_result(self.inflight)
-                self._handle(cand, result, error)
+                out = self.pool.next_result()
+                if out is not None:  # None: a restarted worker is idle again
+                    self._handle(out.item, out.result, out.error)
         finally:
+            self._interrupt()
             self.progress.close()
 
+    def _room(self) -> bool:
+        return self.done + len(self.pool.inflight) < self.job.search.trials
+
     def _fill(self) -> None:
-        budget = self.job.search.trials
-        while self.pool.idle and self.done + len(self.inflight) < budget:
+        while self.pool.idle and self._room():
             trial = self.study.ask(self.dists)
             recipe = self.space.decode(trial.params)
             trial.set_user_attr("recipe", recipe.to_dict())
-            baseline = trial.user_attrs.get("baseline")
-            cand = Candidate(trial, recipe, self.pool.idle.pop(), baseline)
-            self._submit(cand)
+            self._submit(Candidate(trial, recipe))
 
     def _submit(self, cand: Candidate) -> None:
-        ref = self.pool.submit(cand.worker, cand.recipe, self.fractions[cand.rung])
-        self.inflight[ref] = cand
+        self.pool.submit(cand, "evaluate", cand.recipe.to_json(), self.fractions[cand.rung])
+
+    def _interrupt(self) -> None:
+        """Fail the trials still in flight as interrupted and enqueue them again (this is
+        the loop's exit, by an exception or not): a resumed run re-runs them."""
+        numbers = {cand.trial.number for cand in self.pool.drop_inflight()}
+        if numbers:
+            requeue(self.study, fail_interrupted(self.study, numbers), self.dists)
 
     def _handle(self, cand: Candidate, result: dict[str, Any] | None, error: str | None) -> None:
         values: list[float] = []
@@ -159,8 +172,9 @@ class Loop:
         if error is not None:
             return self._finish(cand, TrialState.FAIL, error=error, result=result)
         assert result is not None
+        metrics = json_metrics(result["metrics"])[0]
         cand.rungs.append(
-            {"fraction": self.fractions[cand.rung], "values": values, "metrics": result["metrics"]}
+            {"fraction": self.fractions[cand.rung], "values": values, "metrics": metrics}
         )
         if cand.rung + 1 < len(self.fractions):
             if self._promote(cand, values):
@@ -189,13 +203,17 @@ class Loop:
     ) -> None:
         t = cand.trial
         if result is not None:
-            t.set_user_attr("metrics", result["metrics"])
+            metrics, nonfinite = json_metrics(result["metrics"])
+            t.set_user_attr("metrics", metrics)
+            if nonfinite:
+                t.set_user_attr("nonfinite_metrics", nonfinite)
             t.set_user_attr(
                 "timing",
                 {
                     "merge_s": result["merge_s"],
                     "eval_s": result["eval_s"],
                     "wall_s": time.time() - cand.started,
+                    "pid": result.get("pid"),
                 },
             )
         if len(cand.rungs) > 1 or state == TrialState.PRUNED:
@@ -203,7 +221,6 @@ class Loop:
         if error is not None:
             t.set_user_attr("error", error)
         self.study.tell(t, values if state == TrialState.COMPLETE else None, state=state)
-        self.pool.idle.append(cand.worker)
         self.done += 1
         self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
         self.progress.update(values=values, error=error)
@@ -212,7 +229,3 @@ class Loop:
             raise RuntimeError(
                 f"{self.fail_streak} trials failed in a row; stopping. Last error:\n{error}"
             )
-
-
-def format_error(err: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(err), err)).strip()

@@ -1,7 +1,7 @@
 """After the search: re-evaluate the best trials and the baselines on the held-out split.
 
 Results are stored as study user attributes ``held_out:{trial number}`` (a finished trial's own
-attributes cannot change), so a resumed run only evaluates what is missing.
+attributes cannot change), so a resumed run only evaluates what is missing or failed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import JobConfig
 from evomerge.recipe import Recipe
+from evomerge.study import json_metrics
 
 PREFIX = "held_out:"
 
@@ -32,25 +33,27 @@ def chosen_trials(job: JobConfig, study: optuna.Study) -> list[FrozenTrial]:
 
 
 def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, dict[str, Any]]:
+    """Score the chosen trials not yet stored, or stored with an error, on the held-out split;
+    store each as ``{"metrics"}`` (plus ``"nonfinite"``: the metrics stored as null) or
+    ``{"error"}``, which a resumed run retries."""
     from evomerge.worker import has_held_out
 
     if job.search.held_out_top_k == 0 or not any(has_held_out(e) for e in job.evaluators):
         return {}
-    todo = [t for t in chosen_trials(job, study) if f"{PREFIX}{t.number}" not in study.user_attrs]
-    inflight: dict[Any, tuple[FrozenTrial, int]] = {}
+    stored = stored_held_out(study)
+    calls = [
+        (t.number, "evaluate_held_out", (Recipe.from_dict(t.user_attrs["recipe"]).to_json(),))
+        for t in chosen_trials(job, study)
+        if t.number not in stored or "error" in stored[t.number]
+    ]
     results: dict[int, dict[str, Any]] = {}
-    while todo or inflight:
-        while todo and pool.idle:
-            t = todo.pop(0)
-            recipe = Recipe.from_dict(t.user_attrs["recipe"])
-            worker = pool.idle.pop()
-            inflight[pool.submit_held_out(worker, recipe)] = (t, worker)
-        _, (t, worker), result, error = pool.next_result(inflight)
-        pool.idle.append(worker)
-
-        entry = {"metrics": result["metrics"]} if result else {"error": error}
-        study.set_user_attr(f"{PREFIX}{t.number}", entry)
-        results[t.number] = entry
+    for number, result, error in pool.as_completed(calls):
+        entry: dict[str, Any] = {"error": error}
+        if result is not None:
+            metrics, nonfinite = json_metrics(result["metrics"])
+            entry = {"metrics": metrics, **({"nonfinite": nonfinite} if nonfinite else {})}
+        study.set_user_attr(f"{PREFIX}{number}", entry)
+        results[number] = entry
     return results
 
 

@@ -56,4 +56,5 @@ def objective_values(objectives: Sequence[Objective], metrics: Mapping[str, floa
 def _get(metrics: Mapping[str, float], name: str) -> float:
     if name not in metrics:
         raise KeyError(f"metric {name!r} missing from the evaluation; got {sorted(metrics)}")
-    return float(metrics[name])
+    value = metrics[name]
+    return math.nan if value is None else float(value)  # stored non-finite metrics are null

@@ -1,39 +1,51 @@
-"""A fixed pool of Ray worker actors, started once per search."""
+"""A fixed pool of Ray worker actors, started once per search, and the one scheduler over it.
+
+Every phase (the ask/tell loop, the held-out pass, the reference merges) submits calls with
+:meth:`WorkerPool.submit` and collects them with :meth:`WorkerPool.next_result`, or hands a list
+of calls to :meth:`WorkerPool.as_completed`. A worker that dies is restarted by Ray
+(``max_restarts=-1``); while it reloads its models the pool pings it and keeps feeding the
+others, and it rejoins the idle list when the ping answers.
+"""
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 from evomerge.config import JobConfig
-from evomerge.recipe import Recipe
+
+
+class Outcome(NamedTuple):
+    """A finished call: its ``item``, the worker's result or an error string, and ``died``
+    when the worker died under it (the call may well succeed on another worker)."""
+
+    item: Any
+    result: dict[str, Any] | None
+    error: str | None
+    died: bool
 
 
 class WorkerPool:
     """Starts Ray (local unless an address is given) and ``resources.workers`` actors.
 
-    ``next_result`` waits for the first finished call and turns Ray errors into an error
-    string: a raised exception fails that trial; a dead actor is restarted by Ray.
+    One call per worker at a time: ``idle`` lists the free workers, ``inflight`` maps each
+    call's ref to ``(worker, item)``, ``restarting`` maps a ping ref to ``(worker, since)``.
+    A call that raised fails with the worker's exception as ``"Type: message"``; the actor
+    lives on. A call whose actor died fails with ``"worker died: ..."``.
     """
+
+    restart_timeout_s = 600.0
 
     def __init__(
         self, job: JobConfig, *, address: str | None = None, worker_class: type | None = None
     ) -> None:
-        import ray
-
+        from evomerge.ray_cluster import start_ray
         from evomerge.worker import MergeWorker, worker_actor_class
 
         self.job = job
-        self._own_ray = not ray.is_initialized()
-        if self._own_ray:
-            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            ray.init(
-                address=address or job.resources.address,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+        self._own_ray = start_ray(address or job.resources.address)
         cls = worker_actor_class(job, worker_class or MergeWorker)
         job_json = job.model_dump_json()
         self.actors = [
@@ -42,6 +54,8 @@ class WorkerPool:
         ]
         self.size = len(self.actors)
         self.idle = list(range(self.size))
+        self.inflight: dict[Any, tuple[int, Any]] = {}
+        self.restarting: dict[Any, tuple[int, float]] = {}
         self._check_started()
 
     def _check_started(self) -> None:
@@ -53,48 +67,87 @@ class WorkerPool:
             self.close()
             raise RuntimeError(f"a worker failed to start: {_cause(err)}") from None
 
-    def submit(self, worker: int, recipe: Recipe, fraction: float) -> Any:
-        return self.actors[worker].evaluate.remote(recipe.to_json(), fraction)
+    def submit(self, item: Any, method: str, *args: Any) -> None:
+        """Call ``method(*args)`` on an idle worker; its :class:`Outcome` carries ``item``."""
+        worker = self.idle.pop()
+        self.inflight[getattr(self.actors[worker], method).remote(*args)] = (worker, item)
 
-    def submit_held_out(self, worker: int, recipe: Recipe) -> Any:
-        return self.actors[worker].evaluate_held_out.remote(recipe.to_json())
-
-    def next_result(self, inflight: dict[Any, Any]) -> tuple[Any, Any, dict | None, str | None]:
-        """Pop the first finished call: (ref, its payload, result or None, error or None).
-
-        A worker that died (or is restarting) fails its call; Ray restarts it, and we wait
-        until it answers again so the next call does not hit a restarting actor.
-        """
+    def next_result(self) -> Outcome | None:
+        """Wait for the next finished call; ``None`` when a restarted worker came back instead
+        (it is idle again: submit more work)."""
         import ray
 
-        [ref], _ = ray.wait(list(inflight), num_returns=1)
-        payload = inflight.pop(ref)
+        if not self.inflight and not self.restarting:
+            raise RuntimeError("next_result: no call in flight and no worker restarting")
+        [ref], _ = ray.wait([*self.inflight, *self.restarting], num_returns=1)
+        if ref in self.restarting:
+            self._pinged(ref)
+            return None
+        worker, item = self.inflight.pop(ref)
         try:
-            return ref, payload, ray.get(ref), None
-        except ray.exceptions.RayActorError as err:
-            self.wait_ready(self._worker_of(payload))
-            return ref, payload, None, f"worker died: {_cause(err)}"
-        except ray.exceptions.RayTaskError as err:
-            return ref, payload, None, _cause(err)
+            result = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:  # the call raised; the actor lives on
+            self.idle.append(worker)
+            return Outcome(item, None, _cause(err), died=False)
+        except ray.exceptions.RayError as err:  # the actor died: Ray restarts it, we ping it
+            self._ping(worker, time.monotonic())
+            return Outcome(item, None, f"worker died: {_cause(err)}", died=True)
+        self.idle.append(worker)
+        return Outcome(item, result, None, died=False)
 
-    @staticmethod
-    def _worker_of(payload: Any) -> int:
-        return int(payload.worker if hasattr(payload, "worker") else payload[1])
+    def _ping(self, worker: int, since: float) -> None:
+        self.restarting[self.actors[worker].ping.remote()] = (worker, since)
 
-    def wait_ready(self, worker: int, *, timeout_s: float = 600.0) -> None:
-        """Block until Ray has restarted ``worker`` (its ``__init__`` reloads the models)."""
+    def _pinged(self, ref: Any) -> None:
         import ray
 
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                ray.get(self.actors[worker].ping.remote(), timeout=timeout_s)
-                return
-            except ray.exceptions.RayActorError:
-                if time.monotonic() > deadline:
-                    msg = f"worker {worker} did not restart in {timeout_s:.0f} s"
-                    raise RuntimeError(msg) from None
-                time.sleep(0.5)
+        worker, since = self.restarting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # still restarting (Ray answers in ~1 s)
+            waited = time.monotonic() - since
+            if waited > self.restart_timeout_s:
+                raise RuntimeError(f"worker {worker} did not restart in {waited:.0f} s") from None
+            self._ping(worker, since)
+            return
+        except ray.exceptions.RayError as err:  # e.g. its __init__ raised on restart
+            msg = f"worker {worker} died and could not restart: {_cause(err)}"
+            raise RuntimeError(msg) from None
+        self.idle.append(worker)
+
+    def as_completed(
+        self, calls: Iterable[tuple[Any, str, tuple[Any, ...]]], *, retries: int = 2
+    ) -> Iterator[tuple[Any, dict[str, Any] | None, str | None]]:
+        """Run each ``(item, method, args)`` and yield ``(item, result, error)`` as they finish.
+
+        Every idle worker is kept busy. A call whose worker died is re-run on the next free
+        worker, up to ``retries`` times; any other error is yielded. Example::
+
+            calls = [(name, "evaluate", (recipe.to_json(), 1.0)) for name, recipe in todo]
+            for name, result, error in pool.as_completed(calls):
+                ...
+        """
+        todo = deque((item, method, args, 0) for item, method, args in calls)
+        while todo or self.inflight:
+            while todo and self.idle:
+                item, method, args, tries = todo.popleft()
+                self.submit((item, method, args, tries), method, *args)
+            out = self.next_result()
+            if out is None:
+                continue
+            item, method, args, tries = out.item
+            if out.died and tries < retries:
+                todo.append((item, method, args, tries + 1))
+                continue
+            yield item, out.result, out.error
+
+    def drop_inflight(self) -> list[Any]:
+        """Forget the calls in flight and return their items: their results are never read (a
+        worker still busy with one runs its next call after it)."""
+        items = [item for _, item in self.inflight.values()]
+        self.idle += [worker for worker, _ in self.inflight.values()]
+        self.inflight.clear()
+        return items
 
     def close(self) -> None:
         import ray

@@ -16,6 +16,7 @@ import optuna
 
 from evomerge.config import JobConfig, ParameterSpaceConfig
 from evomerge.recipe import Recipe
+from evomerge.study import json_metrics
 
 PREFIX = "reference:"
 
@@ -39,30 +40,36 @@ def reference_recipes(job: JobConfig) -> dict[str, Recipe]:
 
 
 def reference_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[str, dict[str, Any]]:
-    """Score the reference recipes not yet stored (a resumed run skips the stored ones)."""
+    """Score the reference recipes not yet stored, or stored with an error (a resumed run
+    retries those); ``"nonfinite"`` lists the metrics stored as null."""
     from evomerge.worker import has_held_out
 
     if job.search.held_out_top_k == 0:
         return {}
-    held_out = any(has_held_out(e) for e in job.evaluators)
-    out: dict[str, dict[str, Any]] = {}
-    for name, recipe in reference_recipes(job).items():
-        if PREFIX + name in study.user_attrs:
-            continue
-        worker = pool.idle.pop()
-        entry: dict[str, Any] = {"recipe": recipe.to_dict()}
-        entry["metrics"] = _call(pool, pool.submit(worker, recipe, 1.0), worker)
-        if held_out:
-            entry["held_out"] = _call(pool, pool.submit_held_out(worker, recipe), worker)
-        pool.idle.append(worker)
-        study.set_user_attr(PREFIX + name, entry)
-        out[name] = entry
-    return out
+    parts = {"metrics": "evaluate"}
+    if any(has_held_out(e) for e in job.evaluators):
+        parts["held_out"] = "evaluate_held_out"
+    stored = stored_references(study)
+    todo = {n: r for n, r in reference_recipes(job).items() if not _scored(stored.get(n), parts)}
+    calls = [((name, p), m, (r.to_json(),)) for name, r in todo.items() for p, m in parts.items()]
+    entries: dict[str, dict[str, Any]] = {n: {"recipe": r.to_dict()} for n, r in todo.items()}
+    for (name, part), result, error in pool.as_completed(calls):
+        entry = entries[name]
+        entry[part] = {"error": error}
+        if result is not None:
+            entry[part], nonfinite = json_metrics(result["metrics"])
+            prefix = "" if part == "metrics" else f"{part}:"
+            if nonfinite:
+                bad = entry.get("nonfinite", []) + [prefix + m for m in nonfinite]
+                entry["nonfinite"] = sorted(bad)
+        if all(p in entry for p in parts):
+            study.set_user_attr(PREFIX + name, entry)
+    return entries
 
 
-def _call(pool: Any, ref: Any, worker: int) -> dict[str, Any]:
-    _, _, result, error = pool.next_result({ref: worker})
-    return dict(result["metrics"]) if result else {"error": error}
+def _scored(entry: dict[str, Any] | None, parts: dict[str, str]) -> bool:
+    """Every part stored, none as an error (an error entry is retried)."""
+    return entry is not None and all("error" not in entry.get(p, {"error": None}) for p in parts)
 
 
 def stored_references(study: optuna.Study) -> dict[str, dict[str, Any]]:

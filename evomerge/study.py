@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -103,10 +103,15 @@ def _check_same_directions(study: optuna.Study, job: JobConfig) -> None:
         )
 
 
-def fail_interrupted(study: optuna.Study) -> list[dict[str, Any]]:
-    """Fail trials left RUNNING by a dead driver; return their params to re-run them."""
+def fail_interrupted(
+    study: optuna.Study, numbers: Collection[int] | None = None
+) -> list[dict[str, Any]]:
+    """Fail RUNNING trials (those of ``numbers``; by default all, left by a dead driver) with
+    the interrupted marker; return their params and baseline name to re-run them."""
     rerun = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if numbers is not None and t.number not in numbers:
+            continue
         live = optuna.trial.Trial(study, t._trial_id)
         live.set_user_attr(INTERRUPTED, True)
         live.set_user_attr("error", "interrupted: the driver stopped")
@@ -119,6 +124,38 @@ def _carry(attrs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k == "baseline"}
 
 
+def requeue(study: optuna.Study, rerun: list[dict[str, Any]], names: Collection[str]) -> None:
+    """Enqueue the trials :func:`fail_interrupted` returned. A trial killed inside ``ask()``
+    may have no or partial parameters (not all of ``names``): nothing to re-run for it."""
+    for r in rerun:
+        if set(r["params"]) == set(names):
+            study.enqueue_trial(r["params"], user_attrs=r["user_attrs"])
+
+
+def enqueue_baselines(study: optuna.Study, baselines: Mapping[str, dict[str, Any]]) -> None:
+    """Enqueue each baseline that no trial holds yet, so a run killed inside this loop enqueues
+    the rest on resume. A trial failed by an interruption does not hold its baseline (its
+    re-run does, so :func:`requeue` first). Not ``skip_if_exists``: that would also skip a
+    baseline whose parameters an interrupted trial happens to carry."""
+    held = {
+        t.user_attrs.get("baseline")
+        for t in study.get_trials(deepcopy=False)
+        if not t.user_attrs.get(INTERRUPTED)
+    }
+    for name, params in baselines.items():
+        if name not in held:
+            study.enqueue_trial(params, user_attrs={"baseline": name})
+
+
+def json_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``metrics`` with each non-finite number as ``None``, and the names of those: the journal
+    is JSON, and ``json.dumps`` would write a bare ``NaN`` other readers refuse."""
+    bad = sorted(
+        k for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isfinite(v)
+    )
+    return {k: None if k in bad else v for k, v in metrics.items()}, bad
+
+
 def counted_trials(study: optuna.Study) -> int:
     """Trials that count toward the budget: finished, and not failed by an interruption."""
     return sum(
@@ -126,11 +163,6 @@ def counted_trials(study: optuna.Study) -> int:
         for t in study.get_trials(deepcopy=False, states=COUNTED)
         if not t.user_attrs.get(INTERRUPTED)
     )
-
-
-def run_dir_of(path: str | Path) -> Path:
-    p = Path(path)
-    return p.parent if p.is_file() else p
 
 
 @contextmanager
