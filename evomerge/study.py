@@ -12,7 +12,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.config import JobConfig
-from evomerge.storage import close_storage, open_storage, save_job, study_exists
+from evomerge.storage import DiskFullError, close_storage, open_storage, save_job, study_exists
 
 INTERRUPTED = "interrupted"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -81,7 +81,13 @@ def _open_study(
         _check_same_directions(study, job)
     save_job(study, job.model_dump(mode="json"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    path = run_dir / "job.yaml"
+    try:
+        path.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    except OSError as err:  # a failed write() does not name its file: name it here
+        if err.errno in DiskFullError.ERRNOS:
+            raise DiskFullError(path) from None
+        raise
     return study
 
 

@@ -139,3 +139,17 @@ def test_search_stops_on_a_full_disk_and_resume_reaches_the_budget(search_suite,
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         study = load(fs / "run", data["name"])
         assert len(study.get_trials(states=(TrialState.COMPLETE,))) == budget
+
+
+def test_job_yaml_on_a_full_device_names_the_file(search_suite, tmp_path):
+    """A failed write() does not name its file; the driver names job.yaml itself."""
+    from evomerge.config import parse_job
+    from evomerge.study import open_study
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.yaml").symlink_to("/dev/full")
+    job = parse_job({**job_dict(search_suite, run), "storage": f"journal:{tmp_path / 'j'}"})
+    with pytest.raises(DiskFullError) as caught:
+        open_study(job, sampler=optuna.samplers.RandomSampler(), resume=False)
+    assert str(run / "job.yaml") in str(caught.value) and "\n" not in str(caught.value)
