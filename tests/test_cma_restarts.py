@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+
+import cmaes
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from evomerge.cma_restarts import GEN_KEY, IpopCmaSampler, from_unit, to_unit
+from evomerge.cma_restarts import (
+    GEN_KEY,
+    PICKLED_KEY,
+    STATE_KEY,
+    TRUST_PICKLED_ENV,
+    IpopCmaSampler,
+    from_unit,
+    optimizer_state,
+    set_optimizer_state,
+    to_unit,
+)
 from evomerge.config import CmaesConfig, ConfigError, parse_job
 from evomerge.samplers import make_cmaes
 
@@ -39,7 +54,8 @@ def test_pinned_parameter_low_equals_high_is_searched_around() -> None:
     pinned = FloatDistribution(0.0, 0.0)
     assert to_unit(0.0, pinned) == 0.5 and from_unit(0.9, pinned) == 0.0
     space = {**SPACE, "c": pinned}
-    sampler = IpopCmaSampler(space, popsize=4, seed=0, restarts=1, patience=2, x0={"a": 0.5, "b": 1.0, "c": 0.0})
+    x0 = {"a": 0.5, "b": 1.0, "c": 0.0}
+    sampler = IpopCmaSampler(space, popsize=4, seed=0, restarts=1, patience=2, x0=x0)
     study = optuna.create_study(sampler=sampler, direction="maximize")
     for _ in range(12):
         trial = study.ask(space)
@@ -124,3 +140,151 @@ def test_start_point_is_the_first_mean() -> None:
     assert t.params["a"] == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="cmaes start has parameters"):
         make_cmaes(CmaesConfig(name="cmaes", start="uniform"), SPACE, {"a": 0.1})
+
+
+# -- state in storage: plain JSON, exact, no pickle -------------------------------------------
+SPACE5 = {f"x{i}": FloatDistribution(0.0, 1.0) for i in range(5)}
+
+
+def _bowl(p: dict[str, float]) -> float:
+    return sum((i + 1) * (v - 0.3) ** 2 for i, v in enumerate(p.values()))
+
+
+def _asks(storage, sampler_kw: dict, before: int, after: int, *, resume: bool) -> list:
+    """(generation, params) of trials ``before .. before + after``; with ``resume`` a new
+    sampler continues from trial ``before``."""
+    study = optuna.create_study(storage=storage, sampler=IpopCmaSampler(SPACE5, **sampler_kw))
+    name = study.study_name
+    for k in range(before + after):
+        if resume and k == before:
+            sampler = IpopCmaSampler(SPACE5, **sampler_kw)
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        trial = study.ask(SPACE5)
+        study.tell(trial, _bowl(trial.params) if trial.number < 30 else 9.0)  # then flat: restart
+    return [(t.system_attrs[GEN_KEY], t.params) for t in study.trials[before:]]
+
+
+def test_a_resumed_sampler_asks_what_an_uninterrupted_one_asks(tmp_path) -> None:
+    """The pickled state kept only the covariance matrix's upper triangle: full CMA drifted."""
+    for separable in (False, True):
+        kw = dict(popsize=6, seed=3, restarts=2, patience=2, separable=separable)
+        # at a generation's end, in its middle, and both in run 1 (from trial 36) after a restart
+        for before, gen in ((30, [0, 5]), (27, [0, 4]), (45, [1, 0]), (48, [1, 1])):
+            path = str(tmp_path / f"{separable}-{before}.journal")
+            resumed = _asks(JournalStorage(JournalFileBackend(path)), kw, before, 12, resume=True)
+            assert resumed[0][0] == gen
+            uninterrupted = _asks(optuna.storages.InMemoryStorage(), kw, before, 12, resume=False)
+            assert resumed == uninterrupted, (separable, before)
+
+
+def _optimizer_after(separable: bool, generations: int):
+    sampler = IpopCmaSampler(SPACE5, popsize=6, seed=1, separable=separable, restarts=1)
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(6 * generations + 1):
+        trial = study.ask(SPACE5)
+        study.tell(trial, _bowl(trial.params))
+    assert sampler.state is not None
+    return sampler.state.optimizer
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_set_optimizer_state_restores_every_attribute_of_the_library(separable) -> None:
+    original = _optimizer_after(separable, 4)
+    original._funhist_values[:2] = [float("inf"), float("nan")]  # stored as "inf" and "nan"
+    saved = json.loads(json.dumps(optimizer_state(original), allow_nan=False))
+    kind = cmaes.SepCMA if separable else cmaes.CMA
+    assert type(original) is kind and saved["kind"] == kind.__name__
+    restored = kind(mean=np.full(5, 0.5), sigma=0.9, bounds=np.tile([0.0, 1.0], (5, 1)),
+                    population_size=saved["popsize"])
+    set_optimizer_state(restored, saved)
+    ours, theirs = vars(restored), vars(original)
+    assert ours.keys() == theirs.keys()
+    for name in sorted(set(theirs) - {"_rng"}):  # asks reseed the RNG
+        a, b = ours[name], theirs[name]
+        if isinstance(b, np.ndarray):
+            assert np.array_equal(a, b, equal_nan=True) and a.dtype == b.dtype, name
+        else:
+            assert a == b, name
+    for opt in (original, restored):  # and they go on alike, through tell and should_stop
+        opt.reseed_rng(5)
+    for _ in range(3):
+        xs = [original.ask() for _ in range(6)]
+        assert all(np.array_equal(x, restored.ask()) for x in xs)
+        for opt in (original, restored):
+            opt.tell([(x, float(np.sum(x**2))) for x in xs])
+            assert not opt.should_stop()
+
+
+def test_the_stored_state_is_plain_json_in_chunks() -> None:
+    sampler = IpopCmaSampler(SPACE5, popsize=6, seed=0, restarts=1, patience=2)
+    study = optuna.create_study(sampler=sampler)
+    _sample_space(study, lambda p: 1.0, 6 * 3 + 1)  # a flat objective: run 1 starts at trial 18
+    assert not any(PICKLED_KEY in t.system_attrs for t in study.trials)
+    records, chunked = [], []
+    for t in study.trials:
+        if STATE_KEY in t.system_attrs:
+            chunks = [t.system_attrs[f"{STATE_KEY}:{i}"] for i in range(t.system_attrs[STATE_KEY])]
+            assert all(len(c) <= 2000 for c in chunks)
+            chunked.append(len(chunks) > 1)
+            records.append(json.loads("".join(chunks)))
+    assert chunked == [True, True, False]  # B and D are stored once should_stop computed them
+    assert [r["run"] for r in records] == [0, 0, 1]
+    assert records[-1]["best"] == "inf"  # a new run has no best value yet
+    assert records[-1]["history"] == [[0, 6], [1, 12]]
+    assert set(records[0]["optimizer"]) == {"kind", "popsize", "mean", "sigma", "C", "B", "D",
+                                            "p_sigma", "p_c", "generation", "tolx", "funhist"}
+
+    def strings(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in strings(v)]
+        if isinstance(x, list):
+            return [s for v in x for s in strings(v)]
+        return [x] if isinstance(x, str) else []
+
+    assert set(strings(records)) <= {"CMA", "inf", "-inf", "nan"}  # no blob of any kind
+
+
+def _sample_space(study: optuna.Study, objective, n: int) -> None:
+    for _ in range(n):
+        trial = study.ask(SPACE5)
+        study.tell(trial, objective(trial.params))
+
+
+class _PicklingSampler(IpopCmaSampler):
+    """Stores its state the way evomerge did before JSON (``git show`` of that ``_save``)."""
+
+    def _save(self, study, trial, state) -> None:
+        blob = pickle.dumps(state).hex()
+        chunks = [blob[i : i + 2000] for i in range(0, len(blob), 2000)]
+        storage = study._storage
+        for i, chunk in enumerate(chunks):
+            storage.set_trial_system_attr(trial._trial_id, f"{PICKLED_KEY}:{i}", chunk)
+        storage.set_trial_system_attr(trial._trial_id, PICKLED_KEY, len(chunks))
+
+
+def test_a_pickled_state_is_refused_unless_the_user_opts_in(tmp_path, monkeypatch) -> None:
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "old.journal")))
+    old = _PicklingSampler(SPACE5, popsize=6, seed=0, restarts=1, patience=2)
+    study = optuna.create_study(storage=storage, sampler=old, study_name="old")
+    _sample_space(study, _bowl, 6 * 3 + 2)
+    assert old.state is not None
+
+    monkeypatch.delenv(TRUST_PICKLED_ENV, raising=False)
+    refused = optuna.load_study(study_name="old", storage=storage,
+                                sampler=IpopCmaSampler(SPACE5, popsize=6, seed=0, restarts=1))
+    with pytest.raises(RuntimeError) as err:
+        refused.ask(SPACE5)
+    message = str(err.value)
+    assert "\n" not in message and f"{TRUST_PICKLED_ENV}=1" in message
+    assert f"system attribute {PICKLED_KEY!r}" in message and "'old'" in message
+
+    monkeypatch.setenv(TRUST_PICKLED_ENV, "1")
+    trusted = IpopCmaSampler(SPACE5, popsize=6, seed=0, restarts=1, patience=2)
+    resumed = optuna.load_study(study_name="old", storage=storage, sampler=trusted)
+    _sample_space(resumed, _bowl, 6)  # into the next generation, which is stored as JSON
+    assert trusted.state is not None and trusted.state.history == old.state.history
+    assert trusted.state.optimizer.generation == old.state.optimizer.generation + 1
+    monkeypatch.delenv(TRUST_PICKLED_ENV)
+    again = IpopCmaSampler(SPACE5, popsize=6, seed=0, restarts=1, patience=2)
+    optuna.load_study(study_name="old", storage=storage, sampler=again).ask(SPACE5)
+    assert again.state is not None and again.state.optimizer.generation == 4
