@@ -70,6 +70,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+def pytest_collection_modifyitems(config, items):
+    """The full lane holds every test; the fast lane (``-m "not slow"``) leaves out those that
+    start a Ray cluster (the ``ray_local`` fixture here, or ``pytest.mark.slow`` on tests that
+    run ``evomerge search`` in a subprocess)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (``ray.init`` costs seconds and ~1 GB)."""

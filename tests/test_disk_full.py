@@ -104,6 +104,7 @@ def test_cli_says_disk_full_in_one_line_and_exits_2(tmp_path, capsys):
     assert "run it again" in err
 
 
+@pytest.mark.slow
 def test_search_stops_on_a_full_disk_and_resume_reaches_the_budget(search_suite, tmp_path):
     budget = 24
     with tiny_tmpfs(tmp_path / "fs", "4m") as fs:

@@ -27,6 +27,8 @@ from evomerge.study import INTERRUPTED, close_study, counted_trials, open_study
 from evomerge.worker import MergeWorker
 from tests.test_search import job_dict
 
+pytestmark = pytest.mark.slow  # real searches on a Ray cluster: the full lane
+
 
 def first(marker: Path) -> bool:
     """True for the first caller only, in any process (the marker records when)."""

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.toy_fixtures import toy_suite_tiny  # noqa: F401
+
+pytestmark = pytest.mark.slow  # real searches on a Ray cluster: the full lane
 
 ROOT = Path(__file__).parents[1]
 

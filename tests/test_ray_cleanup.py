@@ -88,6 +88,8 @@ import sys
 from evomerge.ray_cluster import start_ray
 assert start_ray(None) is True
 import ray
+
+pytestmark = pytest.mark.slow  # real searches on a Ray cluster: the full lane
 print(ray.util.get_node_ip_address(), flush=True)
 assert start_ray(None) is False  # already running: not ours to start (or stop) twice
 sys.stdin.readline()

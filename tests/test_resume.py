@@ -10,6 +10,7 @@ import sys
 import time
 
 import optuna
+import pytest
 import yaml
 from optuna.trial import TrialState
 
@@ -39,6 +40,7 @@ def load(run_dir, name) -> optuna.Study | None:
         return None
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_reaches_budget_exactly(search_suite, tmp_path):
     budget = 60  # tiny models evaluate in milliseconds: leave room to kill the driver mid-search
     data = job_dict(search_suite, tmp_path / "run", trials=budget, held_out_top_k=0)
