@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from evomerge.methods_spec import METHODS
+from evomerge.methods_spec import METHODS, VALID_RANGE  # each parameter's valid range
 from evomerge.strict import (
     Bool,
     ConfigError,
@@ -178,16 +178,6 @@ def _check_method(name: str) -> None:
         from evomerge.registry import unknown_name_message
 
         raise ValueError(unknown_name_message("merge method", name, sorted(METHODS)))
-
-
-# Where each method parameter is meaningful: (low, high, low included, high included).
-VALID_RANGE: dict[str, tuple[float, float, bool, bool]] = {
-    "weight": (-math.inf, math.inf, False, False),
-    "lambda": (-math.inf, math.inf, False, False),
-    "density": (0.0, 1.0, False, True),
-    "gamma": (0.0, 1.0, True, False),
-    "t": (0.0, 1.0, True, True),
-}
 
 
 def range_text(key: str) -> str:

@@ -29,11 +29,10 @@ from typing import Any
 import yaml
 
 from evomerge.coefficients import layer_index, per_layer
-from evomerge.merge import DARE, plan_merge
-from evomerge.methods_spec import METHODS
+from evomerge.merge import plan_merge
+from evomerge.methods_spec import METHODS, MethodSpec
 from evomerge.recipe import Recipe
 
-REQUIRED = ("weight", "t")  # mergekit has no default for these
 DARE_NOTE = (
     "DARE drops task-vector entries at random. evomerge seeds each mask from (recipe seed, "
     "tensor, model); mergekit draws its own masks and cannot take that seed, so this config "
@@ -55,9 +54,14 @@ def mergekit_config(
             "recipes only. Export it with --format hf or --format recipe"
         )
     plan = plan_merge(recipe, available=list(recipe.sources))
+    if plan.spec.mergekit is None:
+        raise ValueError(
+            f"merge method {recipe.method!r} has no mergekit equivalent, so it cannot be "
+            "exported as a mergekit config. Export it with --format hf or --format recipe"
+        )
     base_filters = _base_filters(recipe, tensor_names)
-    ctx = _Ctx(recipe, num_layers)
-    config: dict[str, Any] = {"merge_method": recipe.method}
+    ctx = _Ctx(recipe, plan.spec, num_layers)
+    config: dict[str, Any] = {"merge_method": plan.spec.mergekit}
     if plan.spec.needs_base:
         config["base_model"] = _ref(recipe, plan.base)
     config["models"] = _models(ctx, plan.models, plan.base, base_filters)
@@ -72,7 +76,7 @@ def mergekit_yaml(recipe: Recipe, *, num_layers: int, tensor_names: Iterable[str
     comments on top."""
     config = mergekit_config(recipe, num_layers=num_layers, tensor_names=tensor_names)
     lines = list(header)
-    if recipe.method in DARE:
+    if METHODS[recipe.method].seeded:
         lines += ["", "NOTE: " + DARE_NOTE]
     comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in _wrap(lines))
     return comment + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=99)
@@ -90,9 +94,13 @@ _Dumper.add_representer(list, _Dumper.represent_list)
 
 
 class _Ctx:
-    def __init__(self, recipe: Recipe, num_layers: int) -> None:
-        self.recipe, self.num_layers = recipe, num_layers
-        self.spec = METHODS[recipe.method]
+    def __init__(self, recipe: Recipe, spec: MethodSpec, num_layers: int) -> None:
+        self.recipe, self.spec, self.num_layers = recipe, spec, num_layers
+
+    def required(self, key: str) -> bool:
+        """True if mergekit has no default for ``key``, so the export always writes it."""
+        params = {**self.spec.model_params, **self.spec.global_params}
+        return key in params and params[key].mergekit_required
 
     def conds(self, key: str, value: Any) -> list[dict[str, Any]]:
         """``value`` as mergekit ``{filter, value}`` entries (no filter = catch-all)."""
@@ -121,18 +129,18 @@ class _Ctx:
 def _models(ctx: _Ctx, models: Sequence[str], base: str | None,
             base_filters: list[str]) -> list[dict[str, Any]]:
     recipe = ctx.recipe
-    linear = recipe.method == "linear"
+    linear = ctx.spec.family == "linear"
     out = []
     for name in models:
         params = recipe.models.get(name, {})
-        keys = dict.fromkeys([*params, *(k for k in REQUIRED if k in ctx.spec.model_params)])
+        keys = dict.fromkeys([*params, *(k for k in ctx.spec.model_params if ctx.required(k))])
         entry: dict[str, Any] = {}
         for key in keys:
             conds = ctx.conds(key, params[key]) if key in params else []
             if key == "weight" and base_filters:
                 keep = 1.0 if (linear and name == base) else 0.0
                 conds = [{"filter": f, "value": keep} for f in base_filters] + conds
-            if key in REQUIRED and not _catch_all(conds) and not _global_catch_all(ctx, key):
+            if ctx.required(key) and not _catch_all(conds) and not _global_catch_all(ctx, key):
                 conds.append({"value": ctx.spec.param_default(key)})
             entry[key] = _setting(conds)
         out.append({"model": _ref(recipe, name), "parameters": entry})
@@ -146,13 +154,13 @@ def _models(ctx: _Ctx, models: Sequence[str], base: str | None,
 def _globals(ctx: _Ctx, base_filters: list[str]) -> dict[str, Any]:
     """Global parameters: the recipe's, every flag (explicit), and slerp's ``t``."""
     recipe, spec = ctx.recipe, ctx.spec
-    required = [k for k in spec.global_params if k in REQUIRED]
+    required = [k for k in spec.global_params if ctx.required(k)]
     out: dict[str, Any] = {}
     for key in dict.fromkeys([*recipe.parameters, *spec.flags, *required]):
         conds = ctx.conds(key, recipe.parameters[key]) if key in recipe.parameters else []
         if key == "t" and base_filters:
             conds = [{"filter": f, "value": 0.0} for f in base_filters] + conds
-        if not _catch_all(conds) and (key in spec.flags or key in REQUIRED):
+        if not _catch_all(conds) and (key in spec.flags or ctx.required(key)):
             conds.append({"value": spec.param_default(key)})
         if key in spec.flags:
             conds = [{**c, "value": _flag(key, c["value"])} for c in conds]

@@ -16,7 +16,7 @@ uses both, so the two paths agree by construction on everything but the arithmet
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +24,21 @@ import torch
 from torch import Tensor
 
 from evomerge.coefficients import layer_index, resolve
-from evomerge.methods_spec import METHODS, MethodSpec
+from evomerge.methods_spec import KERNEL_ARG, METHODS, MethodSpec
 from evomerge.recipe import Recipe
-from evomerge.registries import MERGE_METHODS
 
-KERNEL_ARG = {"lambda": "lambda_"}  # `lambda` is a Python keyword
-DARE = frozenset({"dare_linear", "dare_ties"})
+
+class _Seeded:
+    """The registered methods that draw seeded random masks (DARE), as they stand when asked."""
+
+    def __contains__(self, method: object) -> bool:
+        return isinstance(method, str) and method in METHODS and METHODS[method].seeded
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in METHODS if METHODS[name].seeded)
+
+
+DARE = _Seeded()
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -50,8 +59,7 @@ def plan_merge(recipe: Recipe, *, available: Collection[str]) -> MergePlan:
     For methods with a base, a base model listed in ``models`` is the base (as in mergekit);
     ``linear`` merges exactly the listed models.
     """
-    MERGE_METHODS.check(recipe.method)
-    spec = METHODS[recipe.method]
+    spec = METHODS[recipe.method]  # unknown: UnknownNameError, with the closest name
     base = recipe.base_model
     if spec.needs_base and base is None:
         raise ValueError(f"method {recipe.method!r} needs base_model; name one of the sources")
@@ -140,7 +148,6 @@ def merge_state_dicts(
     from evomerge.merge_methods import dare_generator
 
     plan = plan_merge(recipe, available=list(state_dicts))
-    kernel = MERGE_METHODS.get(recipe.method)
     ref = state_dicts[plan.base or plan.models[0]]
     out: dict[str, Tensor] = {}
     for name, ref_tensor in ref.items():
@@ -150,11 +157,11 @@ def merge_state_dicts(
             continue
         tensors = torch.stack([_tensor(state_dicts, m, name) for m in plan.models])
         kwargs = tensor_params(recipe, plan, name, num_layers=num_layers)
-        if recipe.method in DARE:
+        if plan.spec.seeded:
             kwargs["generators"] = [
                 dare_generator(recipe.seed, name, m) for m in plan.models
             ]
-        out[name] = kernel(base, tensors, **kwargs)
+        out[name] = plan.spec(base, tensors, **kwargs)
     if recipe.dtype is not None:
         out = {k: v.to(DTYPES[recipe.dtype]) if v.is_floating_point() else v
                for k, v in out.items()}

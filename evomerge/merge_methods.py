@@ -7,11 +7,13 @@ names (``lambda`` is spelled ``lambda_``); per-model parameters are sequences of
 Arithmetic runs in float32 and the result has the input dtype.
 
 The task-arithmetic family (``task_arithmetic``, ``ties``, ``dare_*``, ``breadcrumbs``) is
-mergekit's *generalized task arithmetic*: sparsify each task vector ``tau_k = theta_k - base``,
-scale it by its ``weight``, optionally keep only entries that agree with the elected sign
-(``ties``, ``dare_ties``), sum, divide by the summed weights if ``normalize``, multiply by
-``lambda`` and add to the base. ``rescale`` (default on for DARE) rescales a sparsified task
-vector to its original L1 norm, as mergekit does (not by ``1/density``).
+mergekit's *generalized task arithmetic*, one kernel, :func:`gta`, configured by each method's
+spec (:mod:`evomerge.methods_spec`: its ``sparsifier`` and ``consensus``): sparsify each task
+vector ``tau_k = theta_k - base``, scale it by its ``weight``, optionally keep only entries that
+agree with the elected sign (``consensus``), sum, divide by the summed weights if ``normalize``,
+multiply by ``lambda`` and add to the base. ``rescale`` (default on for DARE) rescales a
+sparsified task vector to its original L1 norm, as mergekit does (not by ``1/density``). The
+named functions (:func:`ties`, ...) run a method by its spec, with its defaults.
 
 >>> import torch
 >>> base = torch.zeros(4)
@@ -29,17 +31,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from evomerge.methods_spec import METHODS
 from evomerge.trimming import Kth, sorted_kth, trim_mask
 
 RESCALE_EPS = 1e-7
-SPARSIFIER = {
-    "task_arithmetic": None,
-    "ties": "magnitude",
-    "dare_linear": "random",
-    "dare_ties": "random",
-    "breadcrumbs": "outliers",
-}
-CONSENSUS = frozenset({"ties", "dare_ties"})
 
 
 # -- sparsification ------------------------------------------------------------------------
@@ -94,8 +89,14 @@ def dare_generator(seed: int, tensor: str, model: str, device: str | torch.devic
     return gen
 
 
-def sparsify(
-    method: str,
+def sparsify(method: str, deltas: Tensor, **params) -> Tensor:
+    """Sparsify each row of float32 ``deltas`` (K, ...) in place as merge ``method`` does
+    (``params``: those of :func:`sparsify_as`)."""
+    return sparsify_as(METHODS[method].sparsifier, deltas, **params)
+
+
+def sparsify_as(
+    kind: str | None,
     deltas: Tensor,
     *,
     density: Sequence[float],
@@ -104,8 +105,8 @@ def sparsify(
     kths: Sequence[Kth] | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> Tensor:
-    """Sparsify each row of float32 ``deltas`` (K, ...) in place as ``method`` does."""
-    kind = SPARSIFIER[method]
+    """Sparsify each row of float32 ``deltas`` (K, ...) in place: ``kind`` is ``"random"``
+    (DARE), ``"magnitude"`` (TIES), ``"outliers"`` (breadcrumbs) or None (keep all)."""
     for k in range(deltas.shape[0]):
         row = deltas[k]
         if kind == "random":
@@ -160,32 +161,47 @@ def combine(
     return base.float() + mixed
 
 
-def gta_merge(method: str, base: Tensor, deltas: Tensor, **params) -> Tensor:
+def gta_merge(base: Tensor, deltas: Tensor, *, sparsifier: str | None, consensus: bool,
+              **params) -> Tensor:
     """Generalized task arithmetic on float32 task vectors ``deltas`` (K, ...), in place.
 
     ``params``: ``weight``, ``density``, ``gamma`` (per model), ``lambda_``, ``normalize``,
     ``rescale``, and optionally ``kths`` (per-model threshold lookups) and ``generators``.
     """
-    if SPARSIFIER[method] is not None:
-        sparsify(
-            method, deltas, density=params["density"], gamma=params.get("gamma"),
+    if sparsifier is not None:
+        sparsify_as(
+            sparsifier, deltas, density=params["density"], gamma=params.get("gamma"),
             rescale=params.get("rescale", False), kths=params.get("kths"),
             generators=params.get("generators"),
         )
     return combine(
-        base, deltas, params["weight"], consensus=method in CONSENSUS,
+        base, deltas, params["weight"], consensus=consensus,
         normalize=params["normalize"], lambda_=params.get("lambda_", 1.0),
     )
 
 
-def _gta(method: str, base: Tensor, tensors: Tensor, params: dict) -> Tensor:
+# -- the kernels the built-in specs name -----------------------------------------------------
+def gta(base: Tensor, tensors: Tensor, *, sparsifier: str | None, consensus: bool,
+        weight: Sequence[float], normalize: bool, density: float | Sequence[float] = 1.0,
+        gamma: float | Sequence[float] | None = None, lambda_: float = 1.0,
+        rescale: bool = False,
+        generators: Sequence[torch.Generator | None] | None = None) -> Tensor:
+    """Generalized task arithmetic: the kernel of the task-arithmetic family, whose spec passes
+    its ``sparsifier`` and ``consensus``; the result has ``base``'s dtype."""
     if base is None:
-        raise ValueError(f"{method} needs a base model tensor; set base_model in the recipe")
+        raise ValueError("this merge needs a base model tensor; set base_model in the recipe")
+    params: dict = dict(weight=weight, lambda_=lambda_, normalize=normalize)
+    if sparsifier is not None:
+        params.update(density=_per_model(density, tensors), rescale=rescale)
+        if gamma is not None:
+            params["gamma"] = _per_model(gamma, tensors)
+        if generators is not None:
+            params["generators"] = generators
     deltas = tensors.float() - base.float()
-    return gta_merge(method, base, deltas, **params).to(base.dtype)
+    return gta_merge(base, deltas, sparsifier=sparsifier, consensus=consensus,
+                     **params).to(base.dtype)
 
 
-# -- the registered kernels ------------------------------------------------------------------
 def linear(base: Tensor | None, tensors: Tensor, *, weight: Sequence[float], normalize=True):
     """``sum_k w_k theta_k`` (divided by ``sum_k w_k`` if ``normalize``); ``base`` is unused."""
     w = torch.as_tensor(weight, dtype=torch.float32, device=tensors.device)
@@ -215,42 +231,29 @@ def zero_total_error(weight: Sequence[float], *, tensor: str | None = None,
     )
 
 
-def task_arithmetic(base, tensors, *, weight, lambda_=1.0, normalize=False):
+def task_arithmetic(base: Tensor, tensors: Tensor, **params) -> Tensor:
     """``base + lambda * sum_k w_k tau_k`` (divided by ``sum_k w_k`` if ``normalize``)."""
-    return _gta("task_arithmetic", base, tensors, dict(
-        weight=weight, lambda_=lambda_, normalize=normalize))
+    return METHODS["task_arithmetic"](base, tensors, **params)
 
 
-def ties(base, tensors, *, weight, density=1.0, lambda_=1.0, normalize=True, rescale=False):
+def ties(base: Tensor, tensors: Tensor, **params) -> Tensor:
     """TIES: keep each ``tau_k``'s top ``density`` by magnitude, elect signs, disjoint mean."""
-    return _gta("ties", base, tensors, dict(
-        weight=weight, density=_per_model(density, tensors), lambda_=lambda_,
-        normalize=normalize, rescale=rescale))
+    return METHODS["ties"](base, tensors, **params)
 
 
-def dare_linear(base, tensors, *, weight, density=1.0, lambda_=1.0, normalize=False,
-                rescale=True, generators=None):
+def dare_linear(base: Tensor, tensors: Tensor, **params) -> Tensor:
     """DARE: drop entries of each ``tau_k`` at random (keep ``density``), then task arithmetic."""
-    return _gta("dare_linear", base, tensors, dict(
-        weight=weight, density=_per_model(density, tensors), lambda_=lambda_,
-        normalize=normalize, rescale=rescale, generators=generators))
+    return METHODS["dare_linear"](base, tensors, **params)
 
 
-def dare_ties(base, tensors, *, weight, density=1.0, lambda_=1.0, normalize=False,
-              rescale=True, generators=None):
+def dare_ties(base: Tensor, tensors: Tensor, **params) -> Tensor:
     """DARE drop, then TIES sign election."""
-    return _gta("dare_ties", base, tensors, dict(
-        weight=weight, density=_per_model(density, tensors), lambda_=lambda_,
-        normalize=normalize, rescale=rescale, generators=generators))
+    return METHODS["dare_ties"](base, tensors, **params)
 
 
-def breadcrumbs(base, tensors, *, weight, density=1.0, gamma=0.01, lambda_=1.0,
-                normalize=False, rescale=False):
+def breadcrumbs(base: Tensor, tensors: Tensor, **params) -> Tensor:
     """Model Breadcrumbs: drop the ``gamma`` largest and the smallest, keep ``density``."""
-    return _gta("breadcrumbs", base, tensors, dict(
-        weight=weight, density=_per_model(density, tensors),
-        gamma=_per_model(gamma, tensors), lambda_=lambda_, normalize=normalize,
-        rescale=rescale))
+    return METHODS["breadcrumbs"](base, tensors, **params)
 
 
 def slerp(base, tensors, *, t, dot_threshold=0.9995, eps=1e-8):

@@ -1,20 +1,15 @@
-"""The extension-point registries, filled with lazy import strings (nothing heavy imported)."""
+"""The extension-point registries, filled with lazy import strings (nothing heavy imported).
+
+Merge methods are :class:`evomerge.methods_spec.MethodSpec` objects (pure data, their kernels
+lazy), declared and registered in :mod:`evomerge.methods_spec`.
+"""
 
 from __future__ import annotations
 
+from evomerge.methods_spec import METHODS as MERGE_METHODS
 from evomerge.registry import Registry
 
-MERGE_METHODS = Registry("merge method")
-for _name in (
-    "linear",
-    "task_arithmetic",
-    "ties",
-    "dare_linear",
-    "dare_ties",
-    "breadcrumbs",
-    "slerp",
-):
-    MERGE_METHODS.register(_name, f"evomerge.merge_methods:{_name}")
+__all__ = ["EVALUATORS", "MERGE_METHODS", "SAMPLERS", "SEARCH_SPACES"]
 
 SEARCH_SPACES = Registry("search space")
 SEARCH_SPACES.register("parameter", "evomerge.search_spaces.parameter:ParameterSpace")

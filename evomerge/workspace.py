@@ -6,7 +6,10 @@ sources, on ``load.device`` in the model's dtype. :meth:`Workspace.apply` merges
 from the live weights, so applying X, then Y, then X gives X's weights exactly) and writes the
 result into ``Workspace.model``; nothing touches disk. Each tensor is merged by one fused kernel
 (:mod:`evomerge.kernels`) that reads the base and the K task vectors once and writes the
-parameter: the cost of a candidate is about one pass over that memory. Trimming thresholds (TIES,
+parameter: the cost of a candidate is about one pass over that memory. The method's spec picks
+the kernel (:meth:`Workspace._path`: weighted sum, trim or DARE for the linear and task-arithmetic
+families); a method without a fused path runs its reference kernel on the models' tensors rebuilt
+from the task vectors (slerp, or a newly registered method). Trimming thresholds (TIES,
 breadcrumbs) and DARE masks come from caches built on first use (:mod:`evomerge.merge_cache`):
 sorted magnitudes per task vector (a threshold is a lookup) and DARE levels per task vector and
 seed, each kept only if it fits in ``cache_bytes`` (default: half the free memory of the device).
@@ -21,7 +24,7 @@ CPU, so a recipe is reproducible bit for bit. The result equals
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +40,9 @@ from evomerge.loading import (
     load_model,
     load_tokenizer,
 )
-from evomerge.merge import DARE, MergePlan, keeps_base, plan_merge, tensor_params
+from evomerge.merge import MergePlan, keeps_base, plan_merge, tensor_params
 from evomerge.merge_cache import DareLevels, TrimTables, rescale_factors
+from evomerge.methods_spec import MethodSpec
 from evomerge.recipe import Recipe
 
 DEFAULT_LOAD = LoadConfig.model_validate({})
@@ -137,35 +141,58 @@ class Workspace:
             )
 
     def _merge_into(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor) -> None:
-        base = self._base[name]
         if keeps_base(recipe, name):
-            param.copy_(base)
+            param.copy_(self._base[name])
             return
         kwargs = tensor_params(recipe, plan, name, num_layers=self.num_layers)
         rows = [self._row[m] for m in plan.models if m != self.anchor]
+        path = self._path(plan.spec)
+        path(recipe, plan, name, param, rows, kwargs)
+
+    def _path(self, spec: MethodSpec) -> Callable[..., None]:
+        """The fused path for ``spec``'s family; its kernel on rebuilt tensors where none fits."""
+        plain_sum = spec.family == "task_arithmetic" and not (spec.sparsifier or spec.consensus)
+        if spec.family == "linear" or plain_sum:
+            return self._weighted_sum
+        if spec.family == "task_arithmetic" and spec.sparsifier is not None:
+            return self._dare if spec.seeded else self._trim
+        return self._reference
+
+    def _weighted_sum(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
+                      rows: list[int], kwargs: dict) -> None:
+        beta, coeffs = _linear_coefficients(plan, self.anchor, kwargs, name)
+        kernels.run(kernels.linear_kernel, param.view(-1), self._base[name].view(-1),
+                    self._rows(name, rows), self._pack([beta, *coeffs]))
+
+    def _dare(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
+              rows: list[int], kwargs: dict) -> None:
+        packed, cum = self.dare.get(recipe.seed, name, rows)
+        cut = [mm.dare_cutoff(d) for d in kwargs["density"]]
+        after = [float(cum[k, c]) for k, c in enumerate(cut)]
+        scale = rescale_factors([float(b) for b in cum[:, -1]], after, kwargs["rescale"])
+        per_model = [kwargs["weight"], [float(c) for c in cut], scale]
+        kernels.run(kernels.dare_kernel, param.view(-1), self._base[name].view(-1),
+                    self._rows(name, rows), packed, self._pack(per_model),
+                    self._shared(plan.spec, kwargs))
+
+    def _trim(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
+              rows: list[int], kwargs: dict) -> None:
         deltas = self._rows(name, rows)
-        out, flat = param.view(-1), base.view(-1)
-        method = recipe.method
-        if method == "slerp":
-            other = deltas[0].view(base.shape).float() + base.float()
-            param.copy_(mm.slerp(base, other[None], **kwargs))
-        elif method in ("linear", "task_arithmetic"):
-            beta, coeffs = _linear_coefficients(method, plan.models, self.anchor, kwargs, name)
-            kernels.run(kernels.linear_kernel, out, flat, deltas, self._pack([beta, *coeffs]))
-        elif method in DARE:
-            packed, cum = self.dare.get(recipe.seed, name, rows)
-            cut = [mm.dare_cutoff(d) for d in kwargs["density"]]
-            after = [float(cum[k, c]) for k, c in enumerate(cut)]
-            scale = rescale_factors([float(b) for b in cum[:, -1]], after, kwargs["rescale"])
-            per_model = [kwargs["weight"], [float(c) for c in cut], scale]
-            kernels.run(kernels.dare_kernel, out, flat, deltas, packed, self._pack(per_model),
-                        self._shared(method, kwargs))
-        else:
-            lo, hi = self._trim_bounds(method, name, rows, kwargs)
-            scale = _trim_scale(deltas, lo, hi) if kwargs["rescale"] else [1.0] * len(rows)
-            kernels.run(kernels.trim_kernel, out, flat, deltas,
-                        self._pack([kwargs["weight"], lo, hi, scale]),
-                        self._shared(method, kwargs))
+        lo, hi = self._trim_bounds(plan.spec, name, rows, kwargs)
+        scale = _trim_scale(deltas, lo, hi) if kwargs["rescale"] else [1.0] * len(rows)
+        kernels.run(kernels.trim_kernel, param.view(-1), self._base[name].view(-1), deltas,
+                    self._pack([kwargs["weight"], lo, hi, scale]),
+                    self._shared(plan.spec, kwargs))
+
+    def _reference(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
+                   rows: list[int], kwargs: dict) -> None:
+        """The spec's kernel on the merged models' tensors, rebuilt as anchor + task vector."""
+        base, stored = self._base[name], self._deltas[name]
+        tensors = torch.stack([stored[self._row[m]] if m in self._row else torch.zeros_like(base)
+                               for m in plan.models]).float() + base.float()
+        if plan.spec.seeded:
+            kwargs["generators"] = [mm.dare_generator(recipe.seed, name, m) for m in plan.models]
+        param.copy_(plan.spec(base if plan.base is not None else None, tensors, **kwargs))
 
     def _rows(self, name: str, rows: list[int]) -> Tensor:
         """The stored task vectors ``rows`` of tensor ``name`` as ``(K, n)`` (a view when all)."""
@@ -178,14 +205,14 @@ class Workspace:
     def _pack(self, values: list) -> Tensor:
         return torch.tensor(values, dtype=torch.float32).to(self._device)
 
-    def _shared(self, method: str, kwargs: dict) -> Tensor:
+    def _shared(self, spec: MethodSpec, kwargs: dict) -> Tensor:
         total = sum(kwargs["weight"])
-        return self._pack([kwargs.get("lambda_", 1.0), float(method in mm.CONSENSUS),
+        return self._pack([kwargs.get("lambda_", 1.0), float(spec.consensus),
                            float(kwargs["normalize"]), total if abs(total) >= 1e-8 else 1.0])
 
-    def _trim_bounds(self, method: str, name: str, rows: list[int],
+    def _trim_bounds(self, spec: MethodSpec, name: str, rows: list[int],
                      kwargs: dict) -> tuple[list[float], list[float]]:
-        kind = mm.SPARSIFIER[method]
+        kind = spec.sparsifier
         assert kind is not None  # ties, breadcrumbs
         n = self._base[name].numel()
         gamma = kwargs.get("gamma", [0.0] * len(rows))
@@ -206,17 +233,17 @@ def _trim_scale(deltas: Tensor, lo: list[float], hi: list[float]) -> list[float]
     return rescale_factors(a.sum(1).tolist(), kept.tolist(), True)
 
 
-def _linear_coefficients(method: str, models: tuple[str, ...], anchor: str,
-                         kwargs: dict, name: str) -> tuple[float, list[float]]:
+def _linear_coefficients(plan: MergePlan, anchor: str, kwargs: dict,
+                         name: str) -> tuple[float, list[float]]:
     """``(beta, c)`` with the merge = ``beta * anchor + sum_k c_k tau_k`` over the non-anchor
     models (``linear``: ``theta_k = anchor + tau_k``, the anchor's own tau is 0)."""
     weight = kwargs["weight"]
     total = sum(weight)
-    if method == "linear":
+    if plan.spec.family == "linear":
         if kwargs["normalize"] and total == 0:
-            raise mm.zero_total_error(weight, tensor=name, models=models)
+            raise mm.zero_total_error(weight, tensor=name, models=plan.models)
         div = total if kwargs["normalize"] else 1.0
-        coeffs = [w / div for m, w in zip(models, weight, strict=True) if m != anchor]
+        coeffs = [w / div for m, w in zip(plan.models, weight, strict=True) if m != anchor]
         return total / div, coeffs
     div = total if kwargs["normalize"] and abs(total) >= 1e-8 else 1.0
     scale = kwargs.get("lambda_", 1.0) / div

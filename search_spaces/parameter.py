@@ -1,8 +1,9 @@
 """Parameter space (PS): per-model / per-layer-group / per-module-kind coefficients of a method.
 
 Stable parameter names: ``{p}/{model}/{group}`` (plus ``/{kind}`` with module kinds), where
-``p`` is ``w`` (weight), ``d`` (density), ``g`` (gamma); ``model`` is ``all`` when coefficients
-are shared across models; global method parameters searched as ``{name}/{group}``.
+``p`` is the per-model parameter's short name in its spec (``w`` weight, ``d`` density, ``g``
+gamma; see :mod:`evomerge.methods_spec`); ``model`` is ``all`` when coefficients are shared across
+models; global method parameters searched as ``{name}/{group}``.
 
 >>> from evomerge.config import ModelsConfig, ParameterSpaceConfig
 >>> models = ModelsConfig(base={"path": "b"}, experts={"x": {"path": "x"}, "y": {"path": "y"}})
@@ -23,10 +24,7 @@ from evomerge.config import ModelsConfig, ParameterSpaceConfig
 from evomerge.methods_spec import METHODS, ParamSpec
 from evomerge.recipe import Recipe
 
-PREFIX = {"weight": "w", "density": "d", "gamma": "g"}
 KINDS = ("self_attn", "mlp", "default")
-# Methods whose weights are not normalised: the uniform baseline averages the experts (1/K).
-_SUM_METHODS = {"task_arithmetic", "dare_linear", "breadcrumbs"}
 
 
 class ParameterSpace:
@@ -72,9 +70,8 @@ class ParameterSpace:
             for owner in self._owners():
                 for g in range(self.cfg.layer_groups):
                     for kind in self._kinds():
-                        out.append(
-                            (param, self._name(PREFIX[param], owner, g, kind), owner, g, kind)
-                        )
+                        prefix = self._model_params[param].short or param
+                        out.append((param, self._name(prefix, owner, g, kind), owner, g, kind))
         for param in self._global_params:
             for g in range(self.cfg.layer_groups):
                 for kind in self._kinds():
@@ -131,16 +128,20 @@ class ParameterSpace:
 
     def _default_of(self, name: str) -> float:
         param = next(p for p, n, *_ in self._slots() if n == name)
-        return {**self._model_params, **self._global_params}[param].start
+        return self._param(param).start
+
+    def _param(self, param: str) -> ParamSpec:
+        return {**self._model_params, **self._global_params}[param]
 
     def clip(self, params: dict[str, float]) -> dict[str, float]:
         dists = self.distributions()
         return {k: min(max(v, dists[k].low), dists[k].high) for k, v in params.items()}
 
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Named parameter sets to evaluate first: uniform merge, defaults, each expert alone."""
+        """Named parameter sets to evaluate first: uniform merge, defaults, each expert alone
+        (weight 1 on it, 0 on the others, other parameters at their defaults: no trimming)."""
         k = len(self.experts)
-        uniform = 1.0 / k if self.cfg.method in _SUM_METHODS else 1.0
+        uniform = 1.0 / k if self.spec.uniform_mean else 1.0
         out: dict[str, dict[str, float]] = {"uniform": {}, "defaults": {}}
         experts_alone: dict[str, dict[str, float]] = (
             {f"expert:{e}": {} for e in self.experts} if self.cfg.per_model else {}
@@ -150,11 +151,11 @@ class ParameterSpace:
             out["defaults"][name] = default
             out["uniform"][name] = uniform if param == "weight" else default
             for e in self.experts if owner not in (None, "all") else []:
-                alone = 1.0 if param == "density" else default
+                alone = self._param(param).default
                 if param == "weight":
                     alone = 1.0 if owner == e else 0.0
                 experts_alone[f"expert:{e}"][name] = alone
-        if self.cfg.method not in _SUM_METHODS | {"ties", "dare_ties", "linear"}:
+        if "weight" not in self._model_params:
             experts_alone = {}
         out.update(experts_alone)
         unique: dict[str, dict[str, float]] = {}

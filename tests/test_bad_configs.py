@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -376,14 +376,21 @@ NEEDS_LOCAL_MACHINE = {"gpus_unavailable", "cpus_oversubscribed", "cuda_unavaila
 
 
 @pytest.fixture(scope="module")
-def assets(tiny_models, tmp_path_factory) -> dict[str, str]:
+def assets(tiny_models, tmp_path_factory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("bad_assets")
     out = make_assets(root, tiny_models)
     out["missing"] = str(root / "models" / "missing")
     read_only = root / "read_only"
     read_only.mkdir(mode=0o555)
     out["read_only"] = str(read_only)
-    return out
+    # root may write into a mode-555 folder: make it a read-only file system instead
+    mounted = os.access(read_only, os.W_OK) and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)],
+        capture_output=True,
+    ).returncode == 0
+    yield out
+    if mounted:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)
 
 
 def _tree(root: Path) -> dict[str, float]:
@@ -422,7 +429,7 @@ def test_bad_config_refused_in_one_line(kind, case, build, expect, env, assets, 
     if case in NEEDS_LOCAL_MACHINE and _ray_started():
         pytest.skip("a Ray started by another module brings its own resources")
     if case == "run_dir_read_only" and os.access(assets["read_only"], os.W_OK):
-        pytest.skip("running as root: a mode-555 folder is still writable")
+        pytest.skip("no read-only folder here: running as root and cannot mount a tmpfs")
     if case.startswith("cuda") or case == "gpus_unavailable":
         import torch
 
