@@ -150,11 +150,14 @@ class ParameterSpace:
             default = self._default_of(name)
             out["defaults"][name] = default
             out["uniform"][name] = uniform if param == "weight" else default
-            for e in self.experts if owner not in (None, "all") else []:
-                alone = self._param(param).default
-                if param == "weight":
-                    alone = 1.0 if owner == e else 0.0
-                experts_alone[f"expert:{e}"][name] = alone
+            for key, alone_params in experts_alone.items():
+                if owner is None:  # a searched global parameter (lambda/0): its default
+                    alone_params[name] = default
+                elif owner != "all":
+                    alone = self._param(param).default
+                    if param == "weight":
+                        alone = 1.0 if owner == key.removeprefix("expert:") else 0.0
+                    alone_params[name] = alone
         if "weight" not in self._model_params:
             experts_alone = {}
         out.update(experts_alone)

@@ -227,9 +227,8 @@ def test_registration_refuses_inconsistent_specs():
         ParamSpec(2.0, 0.0, 1.0, valid=(0.0, 1.0, True, True))
 
 
-@pytest.mark.xfail(strict=True, reason="known: the expert-alone baselines leave out searched "
-                   "global parameters (here lambda/0); the sampler fills them at random")
 def test_expert_alone_baselines_cover_searched_globals(sources):
+    """They once left out lambda/0, which Optuna then filled at random."""
     s = space(METHODS["ties"], sources, bounds={"lambda": {"low": 0.5, "high": 1.5}})
     for params in s.baselines().values():
         assert set(params) == set(s.distributions())
