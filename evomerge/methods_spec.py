@@ -243,10 +243,6 @@ def unregister_method(name: str) -> MethodSpec:
     return spec
 
 
-def method_names() -> list[str]:
-    return METHODS.names()
-
-
 # -- the built-in methods (mergekit 0.1.5 names, parameters and defaults) ----------------------
 WEIGHT = ParamSpec(default=1.0, low=0.0, high=1.0, short="w", mergekit_required=True)
 DENSITY = ParamSpec(default=1.0, low=0.1, high=1.0, baseline=0.5, valid=(0.0, 1.0, False, True),
