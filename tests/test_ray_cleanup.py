@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -16,7 +17,8 @@ from optuna.trial import TrialState
 from tests.test_resume import load
 from tests.test_search import job_dict
 
-psutil = pytest.importorskip("psutil")
+pytestmark = pytest.mark.slow  # real searches on a Ray cluster: the full lane
+
 GONE_WITHIN_S = 15.0
 
 
@@ -88,8 +90,6 @@ import sys
 from evomerge.ray_cluster import start_ray
 assert start_ray(None) is True
 import ray
-
-pytestmark = pytest.mark.slow  # real searches on a Ray cluster: the full lane
 print(ray.util.get_node_ip_address(), flush=True)
 assert start_ray(None) is False  # already running: not ours to start (or stop) twice
 sys.stdin.readline()
