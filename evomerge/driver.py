@@ -4,44 +4,44 @@ Ask as many trials as there are idle workers, tell each result as it arrives. Ba
 enqueued first. A failed evaluation or a dead worker fails that trial (``user_attrs["error"]``)
 and the search goes on. ``resume=True`` fails trials a dead driver left RUNNING and re-runs
 them, enqueues any baseline not enqueued yet, then continues to the budget. Any other exit of
-the loop (a failure streak, Ctrl-C) fails the trials in flight as interrupted and enqueues
-them again, so a resumed run re-runs them.
+the loop (a stop, a failure streak, Ctrl-C) fails the trials in flight as interrupted and
+enqueues them again, so a resumed run re-runs them (the loop is :mod:`evomerge.loop`).
+
+:class:`Search` is the search a caller drives (a service, a notebook): it reports
+:mod:`evomerge.progress` events to a callback and stops cleanly when asked;
+:func:`run_search` runs one to its end with the progress bar.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from evomerge.config import JobConfig
-from evomerge.fidelity import promote_multi, rung_step
-from evomerge.objectives import check_objectives, objective_values
+from evomerge.loop import Loop
+from evomerge.objectives import check_objectives
 from evomerge.pool import WorkerPool
-from evomerge.progress import Progress
-from evomerge.recipe import Recipe
+from evomerge.progress import (
+    OnEvent,
+    PhaseFinished,
+    PhaseStarted,
+    ProgressBar,
+    Stopped,
+    ignore,
+)
 from evomerge.samplers import make_sampler
 from evomerge.study import (
+    close_study,
     closing,
     counted_trials,
     enqueue_baselines,
     fail_interrupted,
-    json_metrics,
     open_study,
     requeue,
 )
-
-
-@dataclass
-class Candidate:
-    trial: optuna.trial.Trial
-    recipe: Recipe
-    rung: int = 0
-    rungs: list[dict[str, Any]] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
 
 
 def build_space(job: JobConfig) -> Any:
@@ -59,39 +59,153 @@ def run_search(
     progress: bool = True,
     worker_class: type | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the job's search to its budget; return the study.
+    """Run (or resume) the job's search to its budget, with a progress bar unless
+    ``progress=False``; return the study.
 
     ``worker_class`` replaces :class:`evomerge.worker.MergeWorker` (same methods), e.g. the
     simulated workers of ``bench/driver_overhead.py``.
     """
-    check_objectives(job.objectives, job.evaluators)
-    space = build_space(job)
-    baselines = space.baselines()
-    sampler = make_sampler(job.search.sampler, space.distributions(), baselines.get("uniform"))
-    if job.toy_suite is not None:
-        from evomerge.toy.build import build_suite
-
-        build_suite(job.toy_suite.dir, size=job.toy_suite.size)
-    from evomerge.preflight import preflight
-
-    preflight(job, storage_url=storage_url, address=address)  # before Ray or any file
-    study = open_study(
-        job, sampler=sampler, resume=resume, storage_url=storage_url, fsync=job.storage_fsync
+    search = Search(
+        job, resume=resume, address=address, storage_url=storage_url, worker_class=worker_class
     )
-    with closing(study):  # the run's writer lock, held until the driver is done
-        if resume:
-            requeue(study, fail_interrupted(study), space.distributions())
-        if job.search.baselines:
-            enqueue_baselines(study, baselines)
-        with WorkerPool(job, address=address, worker_class=worker_class) as pool:
-            _check_layer_groups(job, pool.info[0].get("num_layers"))
-            Loop(job, study, space, pool, progress=progress).run()
-            from evomerge.heldout import held_out_phase
-            from evomerge.references import reference_phase
+    bar = ProgressBar(job.name) if progress else None
+    try:
+        return search.run(on_event=bar)
+    finally:
+        if bar is not None:
+            bar.close()
 
-            held_out_phase(job, study, pool)
-            reference_phase(job, study, pool)
-    return study
+
+class Search:
+    """One search run that a caller drives: start it from any thread, watch it, stop it.
+
+    :meth:`prepare` checks the job and opens the study (no Ray); :meth:`run` starts the
+    workers, runs the ask/tell loop and the post-search phases, and passes each
+    :mod:`evomerge.progress` event to ``on_event``. :meth:`stop` (or setting ``stop``) ends the
+    run at its next tell: the trials in flight are failed as interrupted and enqueued again,
+    the phases left are skipped, and ``Search(job, resume=True).run()`` continues to the
+    budget. Example::
+
+        search = Search(job)
+        search.prepare()  # a bad job fails here, before any worker starts
+        thread = threading.Thread(target=search.run, kwargs={"on_event": print})
+        thread.start()
+        ...
+        search.stop()
+        thread.join()
+    """
+
+    def __init__(
+        self,
+        job: JobConfig,
+        *,
+        resume: bool = False,
+        address: str | None = None,
+        storage_url: str | None = None,
+        worker_class: type | None = None,
+    ) -> None:
+        self.job, self.resume, self.address = job, resume, address
+        self.storage_url, self.worker_class = storage_url, worker_class
+        self.study: optuna.Study | None = None
+        self.stopped = False  # True once a run ended by a stop
+        self._stop = threading.Event()
+        self._used: str | None = None  # why run() may not start: "has run", "was closed"
+
+    def prepare(self) -> optuna.Study:
+        """Check the job, build its toy suite, preflight it and open the study, holding the
+        run's writer lock until :meth:`run` ends (or :meth:`close`); starts no Ray. A resumed
+        run fails the trials a dead driver left RUNNING and enqueues them again. Idempotent."""
+        if self.study is not None:
+            return self.study
+        job = self.job
+        check_objectives(job.objectives, job.evaluators)
+        self.space = build_space(job)
+        baselines = self.space.baselines()
+        dists = self.space.distributions()
+        sampler = make_sampler(job.search.sampler, dists, baselines.get("uniform"))
+        if job.toy_suite is not None:
+            from evomerge.toy.build import build_suite
+
+            build_suite(job.toy_suite.dir, size=job.toy_suite.size)
+        from evomerge.preflight import preflight
+
+        preflight(job, storage_url=self.storage_url, address=self.address)  # before any file
+        study = open_study(
+            job, sampler=sampler, resume=self.resume, storage_url=self.storage_url,
+            fsync=job.storage_fsync,
+        )
+        try:
+            if self.resume:
+                requeue(study, fail_interrupted(study), dists)
+            if job.search.baselines:
+                enqueue_baselines(study, baselines)
+        except BaseException:
+            close_study(study)
+            raise
+        self.study = study
+        return study
+
+    def stop(self) -> None:
+        """Ask the run to stop at its next tell; safe from any thread, before or during it."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Release the writer lock of a study :meth:`prepare` opened, without running it."""
+        if self.study is not None and self._used is None:
+            close_study(self.study)
+        self._used = self._used or "was closed"
+
+    def run(
+        self, *, on_event: OnEvent | None = None, stop: threading.Event | None = None
+    ) -> optuna.Study:
+        """Run the search to its budget, or until stopped; return the study.
+
+        ``on_event`` gets every event in this thread (an exception in it stops the search like
+        any other error); ``stop`` is a flag to honour besides :meth:`stop`.
+        """
+        if self._used is not None:
+            raise RuntimeError(
+                f"this Search {self._used}; continue the study with Search(job, resume=True)"
+            )
+        self._used = "has run"
+        emit = on_event or ignore
+
+        def stopping() -> bool:
+            return self._stop.is_set() or (stop is not None and stop.is_set())
+
+        study = self.prepare()
+        with closing(study):  # the run's writer lock, held until the driver is done
+            phase = "search" if stopping() else self._phases(study, emit, stopping)
+        if phase is not None:
+            self.stopped = True
+            emit(Stopped(phase, counted_trials(study), self.job.search.trials))
+        return study
+
+    def _phases(
+        self, study: optuna.Study, emit: OnEvent, stopping: Callable[[], bool]
+    ) -> str | None:
+        """Start the workers, run each phase; the phase a stop skipped or cut short."""
+        from evomerge.heldout import held_out_phase
+        from evomerge.references import reference_phase
+
+        job, budget = self.job, self.job.search.trials
+        with WorkerPool(job, address=self.address, worker_class=self.worker_class) as pool:
+            _check_layer_groups(job, pool.info[0].get("num_layers"))
+            loop = Loop(job, study, self.space, pool, on_event=emit, stop=stopping)
+            phases: dict[str, Callable[[], Any]] = {
+                "search": loop.run,
+                "held_out": lambda: held_out_phase(job, study, pool),
+                "reference": lambda: reference_phase(job, study, pool),
+            }
+            for name, phase in phases.items():
+                if stopping():
+                    return name
+                emit(PhaseStarted(name, loop.done, budget))
+                phase()
+                if loop.stopped and name == "search":
+                    return name
+                emit(PhaseFinished(name, loop.done, budget))
+        return None
 
 
 def _check_layer_groups(job: JobConfig, num_layers: int | None) -> None:
@@ -101,131 +215,3 @@ def _check_layer_groups(job: JobConfig, num_layers: int | None) -> None:
             f"search.space.layer_groups is {groups} but the models have {num_layers} layers; "
             f"use at most {num_layers}"
         )
-
-
-class Loop:
-    """The ask/tell loop over a :class:`WorkerPool`."""
-
-    def __init__(
-        self, job: JobConfig, study: optuna.Study, space: Any, pool: WorkerPool, *, progress: bool
-    ) -> None:
-        self.job, self.study, self.space, self.pool = job, study, space, pool
-        self.dists = space.distributions()
-        fid = job.search.fidelity
-        self.fractions = fid.fractions if fid else (1.0,)
-        self.rf = fid.reduction_factor if fid else 2
-        self.signs = [1 if o.direction == "maximize" else -1 for o in job.objectives]
-        self.rung_history: dict[int, list[list[float]]] = {}
-        self.done = counted_trials(study)
-        self.fail_streak = 0
-        self.progress = Progress(
-            study, total=job.search.trials, initial=self.done, enabled=progress
-        )
-
-    def run(self) -> None:
-        from threadpoolctl import threadpool_limits
-
-        # CMA-ES's eigh on a small matrix is ~50x slower on multithreaded BLAS (measured)
-        with threadpool_limits(1):
-            self._run()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                self._fill()
-                if not self.pool.inflight and not (self.pool.restarting and self._room()):
-                    break
-                out = self.pool.next_result()
-                if out is not None:  # None: a restarted worker is idle again
-                    self._handle(out.item, out.result, out.error)
-        finally:
-            self._interrupt()
-            self.progress.close()
-
-    def _room(self) -> bool:
-        return self.done + len(self.pool.inflight) < self.job.search.trials
-
-    def _fill(self) -> None:
-        while self.pool.idle and self._room():
-            trial = self.study.ask(self.dists)
-            recipe = self.space.decode(trial.params)
-            trial.set_user_attr("recipe", recipe.to_dict())
-            self._submit(Candidate(trial, recipe))
-
-    def _submit(self, cand: Candidate) -> None:
-        self.pool.submit(cand, "evaluate", cand.recipe.to_json(), self.fractions[cand.rung])
-
-    def _interrupt(self) -> None:
-        """Fail the trials still in flight as interrupted and enqueue them again (this is
-        the loop's exit, by an exception or not): a resumed run re-runs them."""
-        numbers = {cand.trial.number for cand in self.pool.drop_inflight()}
-        if numbers:
-            requeue(self.study, fail_interrupted(self.study, numbers), self.dists)
-
-    def _handle(self, cand: Candidate, result: dict[str, Any] | None, error: str | None) -> None:
-        values: list[float] = []
-        if result is not None:
-            try:
-                values = objective_values(self.job.objectives, result["metrics"])
-            except (KeyError, ValueError) as err:
-                error = f"{type(err).__name__}: {err}"
-        if error is not None:
-            return self._finish(cand, TrialState.FAIL, error=error, result=result)
-        assert result is not None
-        metrics = json_metrics(result["metrics"])[0]
-        cand.rungs.append(
-            {"fraction": self.fractions[cand.rung], "values": values, "metrics": metrics}
-        )
-        if cand.rung + 1 < len(self.fractions):
-            if self._promote(cand, values):
-                cand.rung += 1
-                return self._submit(cand)
-            return self._finish(cand, TrialState.PRUNED, result=result)
-        self._finish(cand, TrialState.COMPLETE, values=values, result=result)
-
-    def _promote(self, cand: Candidate, values: list[float]) -> bool:
-        if len(values) == 1:
-            cand.trial.report(values[0], rung_step(cand.rung, self.rf))
-            return not cand.trial.should_prune()
-        seen = self.rung_history.setdefault(cand.rung, [])
-        keep = promote_multi(values, seen, self.signs, self.rf)
-        seen.append(values)
-        return keep
-
-    def _finish(
-        self,
-        cand: Candidate,
-        state: TrialState,
-        *,
-        values: list[float] | None = None,
-        error: str | None = None,
-        result: dict[str, Any] | None = None,
-    ) -> None:
-        t = cand.trial
-        if result is not None:
-            metrics, nonfinite = json_metrics(result["metrics"])
-            t.set_user_attr("metrics", metrics)
-            if nonfinite:
-                t.set_user_attr("nonfinite_metrics", nonfinite)
-            t.set_user_attr(
-                "timing",
-                {
-                    "merge_s": result["merge_s"],
-                    "eval_s": result["eval_s"],
-                    "wall_s": time.time() - cand.started,
-                    "pid": result.get("pid"),
-                },
-            )
-        if len(cand.rungs) > 1 or state == TrialState.PRUNED:
-            t.set_user_attr("rungs", cand.rungs)
-        if error is not None:
-            t.set_user_attr("error", error)
-        self.study.tell(t, values if state == TrialState.COMPLETE else None, state=state)
-        self.done += 1
-        self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
-        self.progress.update(values=values, error=error)
-        limit = max(3, 2 * self.pool.size)
-        if self.fail_streak >= limit:
-            raise RuntimeError(
-                f"{self.fail_streak} trials failed in a row; stopping. Last error:\n{error}"
-            )

@@ -1,10 +1,14 @@
 """Reading a run: the trial table (pandas), the best trial(s), the Pareto front.
 
+A run is opened by its folder (or job YAML), or by storage URL and study name alone, since the
+driver stores the job config with the study.
+
 Every metric of every trial is stored, so any front can be recomputed when reading.
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,38 +17,82 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.config import JobConfig, load_job
+from evomerge.config import JobConfig, load_job, parse_job
 from evomerge.fidelity import dominates
 from evomerge.heldout import stored_held_out
-from evomerge.storage import open_storage
+from evomerge.storage import JOB_ATTR, load_job_dict, open_storage
 from evomerge.storage import storage_url as storage_url_of
 
 
-def open_run(run: str | Path, *, storage_url: str | None = None) -> tuple[optuna.Study, JobConfig]:
-    """Open a finished or running search from its run folder (or its job YAML)."""
+def open_run(
+    run: str | Path | None = None,
+    *,
+    storage_url: str | None = None,
+    study_name: str | None = None,
+) -> tuple[optuna.Study, JobConfig]:
+    """Open a finished or running search from its run folder (or its job YAML), or, with no
+    ``run``, by ``storage_url`` and ``study_name`` alone (see :func:`open_study_run`).
+
+    >>> study, job = open_run("runs/quickstart")  # doctest: +SKIP
+    >>> study, job = open_run(storage_url="postgresql://db/evo", study_name="qs")  # doctest: +SKIP
+    """
+    if run is None:
+        if storage_url is None or study_name is None:
+            raise ValueError("give a run folder (or job YAML), or both --storage URL and --study")
+        return open_study_run(storage_url, study_name)
+    if study_name is not None:
+        raise ValueError(
+            "give a run folder (or job YAML), or --storage URL and --study NAME, not both"
+        )
     p = Path(run)
     job_path = p / "job.yaml" if p.is_dir() else p
     if not job_path.is_file():
         raise FileNotFoundError(
-            f"{str(p)!r} is not a run folder (no job.yaml inside) nor a job config file"
+            f"{str(p)!r} is not a run folder (no job.yaml inside) nor a job config file; "
+            "without one, open the run by --storage URL --study NAME"
         )
     job = load_job(job_path)  # a job.yaml that is not valid: one line naming it
     url = storage_url_of(storage_url or job.storage, job.resolved_run_dir)
+    return _load_study(url, job.name, job.resolved_run_dir), job
+
+
+def open_study_run(storage_url: str, study_name: str) -> tuple[optuna.Study, JobConfig]:
+    """Open a search by its storage and study name alone: the job config is the one the
+    driver stored with the study (``evomerge:job``), so no run folder is needed.
+
+    >>> study, job = open_study_run("journal:runs/qs/study.journal", "qs")  # doctest: +SKIP
+    """
+    study = _load_study(storage_url, study_name, Path.cwd())
+    try:
+        data = load_job_dict(study)
+    except (TypeError, ValueError):  # missing, or not a mapping
+        raise ValueError(
+            f"study {study_name!r} in {storage_url} has no evomerge job config (study user "
+            f"attribute {JOB_ATTR!r}): `evomerge search` did not create it; open it by its "
+            "run folder or job YAML instead"
+        ) from None
+    return study, parse_job(data, source=f"the job config stored in study {study_name!r}")
+
+
+def _load_study(url: str, name: str, run_dir: Path) -> optuna.Study:
+    """Load study ``name`` read-only; one line naming the file or the storage if it is not
+    there. A journal file that does not exist is not created."""
     journal = Path(url.removeprefix("journal:")) if url.startswith("journal:") else None
-    where = journal or url
     if journal is not None and not journal.is_file():
         raise FileNotFoundError(
             f"no study journal at {journal}: the search has not started yet, or the run's "
             "storage is elsewhere (pass --storage URL)"
         )
-    storage = open_storage(url, job.resolved_run_dir)
+    storage = open_storage(url, run_dir)
     try:
-        study = optuna.load_study(study_name=job.name, storage=storage, sampler=None)
+        return optuna.load_study(study_name=name, storage=storage, sampler=None)
     except KeyError:
         empty = journal is not None and journal.stat().st_size == 0
-        where = f"{where} (the file is empty)" if empty else where
-        raise FileNotFoundError(f"no study named {job.name!r} in {where}") from None
-    return study, job
+        where = f"{journal} (the file is empty)" if empty else str(journal or url)
+        names = [s.study_name for s in storage.get_all_studies()]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise FileNotFoundError(f"no study named {name!r} in {where}{hint}") from None
 
 
 def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:

@@ -1,0 +1,170 @@
+"""The ask/tell loop over a :class:`~evomerge.pool.WorkerPool` (driver side).
+
+Ask as many trials as there are idle workers, tell each result as it arrives, promote or prune
+by rung under multi-fidelity. Every exit of the loop (the budget met, a stop, a failure streak,
+Ctrl-C) fails the trials still in flight as interrupted and enqueues them again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.config import JobConfig
+from evomerge.fidelity import promote_multi, rung_step
+from evomerge.objectives import objective_values
+from evomerge.pool import WorkerPool
+from evomerge.progress import OnEvent, Tracker, ignore
+from evomerge.recipe import Recipe
+from evomerge.study import counted_trials, fail_interrupted, json_metrics, requeue
+
+
+@dataclass
+class Candidate:
+    trial: optuna.trial.Trial
+    recipe: Recipe
+    rung: int = 0
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+
+class Loop:
+    """The ask/tell loop over a :class:`WorkerPool`: ``on_event`` gets a
+    :class:`~evomerge.progress.TrialFinished` per tell; ``stop`` is checked between tells."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        study: optuna.Study,
+        space: Any,
+        pool: WorkerPool,
+        *,
+        on_event: OnEvent | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.job, self.study, self.space, self.pool = job, study, space, pool
+        self.dists = space.distributions()
+        fid = job.search.fidelity
+        self.fractions = fid.fractions if fid else (1.0,)
+        self.rf = fid.reduction_factor if fid else 2
+        self.signs = [1 if o.direction == "maximize" else -1 for o in job.objectives]
+        self.rung_history: dict[int, list[list[float]]] = {}
+        self.done = counted_trials(study)
+        self.fail_streak = 0
+        self.tracker = Tracker(study, budget=job.search.trials, done=self.done)
+        self.on_event = on_event or ignore
+        self.stop = stop or (lambda: False)
+        self.stopped = False  # the loop ended by ``stop``, not by the budget
+
+    def run(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        # CMA-ES's eigh on a small matrix is ~50x slower on multithreaded BLAS (measured)
+        with threadpool_limits(1):
+            self._run()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop():
+                self._fill()
+                if not self.pool.inflight and not (self.pool.restarting and self._room()):
+                    return
+                out = self.pool.next_result()
+                if out is not None:  # None: a restarted worker is idle again
+                    self._handle(out.item, out.result, out.error)
+            self.stopped = self.done < self.job.search.trials  # not when the budget was met
+        finally:
+            self._interrupt()
+
+    def _room(self) -> bool:
+        return self.done + len(self.pool.inflight) < self.job.search.trials
+
+    def _fill(self) -> None:
+        while self.pool.idle and self._room():
+            trial = self.study.ask(self.dists)
+            recipe = self.space.decode(trial.params)
+            trial.set_user_attr("recipe", recipe.to_dict())
+            self._submit(Candidate(trial, recipe))
+
+    def _submit(self, cand: Candidate) -> None:
+        self.pool.submit(cand, "evaluate", cand.recipe.to_json(), self.fractions[cand.rung])
+
+    def _interrupt(self) -> None:
+        """Fail the trials still in flight as interrupted and enqueue them again (this is
+        the loop's exit, by an exception or not): a resumed run re-runs them."""
+        numbers = {cand.trial.number for cand in self.pool.drop_inflight()}
+        if numbers:
+            requeue(self.study, fail_interrupted(self.study, numbers), self.dists)
+
+    def _handle(self, cand: Candidate, result: dict[str, Any] | None, error: str | None) -> None:
+        values: list[float] = []
+        if result is not None:
+            try:
+                values = objective_values(self.job.objectives, result["metrics"])
+            except (KeyError, ValueError) as err:
+                error = f"{type(err).__name__}: {err}"
+        if error is not None:
+            return self._finish(cand, TrialState.FAIL, error=error, result=result)
+        assert result is not None
+        metrics = json_metrics(result["metrics"])[0]
+        cand.rungs.append(
+            {"fraction": self.fractions[cand.rung], "values": values, "metrics": metrics}
+        )
+        if cand.rung + 1 < len(self.fractions):
+            if self._promote(cand, values):
+                cand.rung += 1
+                return self._submit(cand)
+            return self._finish(cand, TrialState.PRUNED, result=result)
+        self._finish(cand, TrialState.COMPLETE, values=values, result=result)
+
+    def _promote(self, cand: Candidate, values: list[float]) -> bool:
+        if len(values) == 1:
+            cand.trial.report(values[0], rung_step(cand.rung, self.rf))
+            return not cand.trial.should_prune()
+        seen = self.rung_history.setdefault(cand.rung, [])
+        keep = promote_multi(values, seen, self.signs, self.rf)
+        seen.append(values)
+        return keep
+
+    def _finish(
+        self,
+        cand: Candidate,
+        state: TrialState,
+        *,
+        values: list[float] | None = None,
+        error: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        t = cand.trial
+        if result is not None:
+            metrics, nonfinite = json_metrics(result["metrics"])
+            t.set_user_attr("metrics", metrics)
+            if nonfinite:
+                t.set_user_attr("nonfinite_metrics", nonfinite)
+            t.set_user_attr(
+                "timing",
+                {
+                    "merge_s": result["merge_s"],
+                    "eval_s": result["eval_s"],
+                    "wall_s": time.time() - cand.started,
+                    "pid": result.get("pid"),
+                },
+            )
+        if len(cand.rungs) > 1 or state == TrialState.PRUNED:
+            t.set_user_attr("rungs", cand.rungs)
+        if error is not None:
+            t.set_user_attr("error", error)
+        self.study.tell(t, values if state == TrialState.COMPLETE else None, state=state)
+        self.done += 1
+        self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
+        self.on_event(self.tracker.finished(t.number, state, values, error, done=self.done))
+        limit = max(3, 2 * self.pool.size)
+        if self.fail_streak >= limit:
+            raise RuntimeError(
+                f"{self.fail_streak} trials failed in a row; stopping. Last error:\n{error}"
+            )
