@@ -23,6 +23,8 @@ from evomerge.progress import OnEvent, Tracker, ignore
 from evomerge.recipe import Recipe
 from evomerge.study import counted_trials, fail_interrupted, json_metrics, requeue
 
+STOP_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
+
 
 @dataclass
 class Candidate:
@@ -74,8 +76,9 @@ class Loop:
                 self._fill()
                 if not self.pool.inflight and not (self.pool.restarting and self._room()):
                     return
-                out = self.pool.next_result()
-                if out is not None:  # None: a restarted worker is idle again
+                # wake up now and then, so a stop does not wait for a long evaluation
+                out = self.pool.next_result(timeout=STOP_POLL_S)
+                if out is not None:  # None: a restarted worker is idle again, or no news yet
                     self._handle(out.item, out.result, out.error)
             self.stopped = self.done < self.job.search.trials  # not when the budget was met
         finally:

@@ -72,14 +72,17 @@ class WorkerPool:
         worker = self.idle.pop()
         self.inflight[getattr(self.actors[worker], method).remote(*args)] = (worker, item)
 
-    def next_result(self) -> Outcome | None:
+    def next_result(self, timeout: float | None = None) -> Outcome | None:
         """Wait for the next finished call; ``None`` when a restarted worker came back instead
-        (it is idle again: submit more work)."""
+        (it is idle again: submit more work) or when ``timeout`` seconds passed first."""
         import ray
 
         if not self.inflight and not self.restarting:
             raise RuntimeError("next_result: no call in flight and no worker restarting")
-        [ref], _ = ray.wait([*self.inflight, *self.restarting], num_returns=1)
+        ready, _ = ray.wait([*self.inflight, *self.restarting], num_returns=1, timeout=timeout)
+        if not ready:
+            return None
+        [ref] = ready
         if ref in self.restarting:
             self._pinged(ref)
             return None

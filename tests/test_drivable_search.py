@@ -19,6 +19,7 @@ from evomerge.progress import PhaseStarted, Stopped, TrialFinished
 from evomerge.results import open_run, open_study_run, results_frame
 from evomerge.storage import JournalLockedError, save_job
 from evomerge.study import INTERRUPTED, counted_trials
+from evomerge.worker import MergeWorker
 from tests.test_search import job_dict
 
 
@@ -164,3 +165,35 @@ def test_a_stop_before_the_run_starts_no_worker(search_suite, tmp_path):
     stop.set()
     study = Search(job).run(on_event=events.append, stop=stop)
     assert events == [Stopped("search", 0, 2)] and not study.trials[0].state.is_finished()
+
+
+class SlowEvaluations(MergeWorker):
+    """Every evaluation takes 60 s: a stop must not wait for one."""
+
+    def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict:
+        time.sleep(60)
+        return super().evaluate(recipe_json, fraction)
+
+
+def test_a_stop_does_not_wait_for_a_long_evaluation(ray_local, search_suite, tmp_path):
+    job = parse_job(job_dict(search_suite, tmp_path / "run", trials=4))
+    events: list = []
+    started = threading.Event()
+
+    def on_event(event) -> None:
+        events.append(event)
+        if isinstance(event, PhaseStarted) and event.phase == "search":
+            started.set()
+
+    search = Search(job, worker_class=SlowEvaluations)
+    thread = threading.Thread(target=search.run, kwargs={"on_event": on_event})
+    thread.start()
+    assert started.wait(timeout=60)
+    time.sleep(1.0)  # the workers are inside their first evaluation
+    t0 = time.monotonic()
+    search.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and time.monotonic() - t0 < 10
+    study = search.study
+    assert study is not None and not study.get_trials(states=(TrialState.RUNNING,))
+    assert counted_trials(study) == 0 and isinstance(events[-1], Stopped)
