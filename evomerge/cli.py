@@ -10,6 +10,9 @@ from pathlib import Path
 
 from evomerge import __version__
 
+RUN_HELP = "run folder (or the job YAML); not needed with --storage and --study"
+STUDY_HELP = "open the run by --storage URL and this study name alone (the job stored in it)"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -46,14 +49,15 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, text in (("results", "print the trial table"), ("best", "print the best recipe(s)")):
         r = sub.add_parser(name, help=text)
-        r.add_argument("run", type=Path, help="run folder (or the job YAML)")
+        r.add_argument("run", type=Path, nargs="?", help=RUN_HELP)
         r.add_argument("--storage", help="Optuna storage URL if not the run's journal")
+        r.add_argument("--study", help=STUDY_HELP)
         if name == "results":
             r.add_argument("--csv", type=Path, help="also write the table as CSV")
             r.add_argument("--parquet", type=Path, help="also write the table as parquet")
 
     ex = sub.add_parser("export", help="export trials as mergekit YAML, HF folder or recipe")
-    ex.add_argument("run", type=Path, help="run folder (or the job YAML)")
+    ex.add_argument("run", type=Path, nargs="?", help=RUN_HELP)
     ex.add_argument("out", type=Path, help="output file (mergekit, recipe) or folder (hf)")
     pick = ex.add_mutually_exclusive_group()
     pick.add_argument("--trial", type=int, help="export this trial number")
@@ -68,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ex.add_argument("--storage", help="Optuna storage URL if not the run's journal")
+    ex.add_argument("--study", help=STUDY_HELP)
 
     ad = sub.add_parser("adamerge", help="AdaMerging: learn coefficients by entropy descent")
     ad.add_argument("job", type=Path)
@@ -157,7 +162,7 @@ def _results(args: argparse.Namespace) -> int:
 
     from evomerge.results import open_run, results_frame
 
-    study, job = open_run(args.run, storage_url=args.storage)
+    study, job = open_run(args.run, storage_url=args.storage, study_name=args.study)
     df = results_frame(study, job)
     with pd.option_context(
         "display.max_rows", 500, "display.width", 200, "display.max_columns", 50
@@ -174,7 +179,7 @@ def _best(args: argparse.Namespace) -> int:
     from evomerge.recipe import Recipe
     from evomerge.results import best_trials, open_run
 
-    study, job = open_run(args.run, storage_url=args.storage)
+    study, job = open_run(args.run, storage_url=args.storage, study_name=args.study)
     for t in best_trials(study, job):
         values = dict(zip([o.label for o in job.objectives], t.values, strict=True))
         print(f"# trial {t.number}: {values}")
@@ -194,6 +199,7 @@ def _export(args: argparse.Namespace) -> int:
         pareto=args.pareto,
         force=args.force,
         storage_url=args.storage,
+        study_name=args.study,
     )
     for path in paths:
         print(path)

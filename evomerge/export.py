@@ -34,7 +34,7 @@ from typing import Any
 
 from evomerge import __version__
 from evomerge.config import JobConfig, LoadConfig
-from evomerge.recipe import Recipe
+from evomerge.recipe import AnyRecipe, Recipe
 
 FORMATS = ("mergekit", "hf", "recipe")
 INDEX_FILE = "index.csv"
@@ -43,7 +43,7 @@ HEADER = "Exported by evomerge "  # first line of every exported YAML file, afte
 
 
 def export_recipe(
-    recipe: Recipe, out: str | Path, fmt: str, *,
+    recipe: AnyRecipe, out: str | Path, fmt: str, *,
     metrics: Mapping[str, Any] | None = None, held_out: Mapping[str, Any] | None = None,
     study_name: str | None = None, trial: int | None = None, force: bool = False,
     load: LoadConfig | None = None,
@@ -61,11 +61,12 @@ def export_recipe(
 
 
 def export_run(
-    run: str | Path, out: str | Path, fmt: str, *, trial: int | None = None,
+    run: str | Path | None, out: str | Path, fmt: str, *, trial: int | None = None,
     best: bool = False, pareto: bool = False, force: bool = False,
-    storage_url: str | None = None,
+    storage_url: str | None = None, study_name: str | None = None,
 ) -> list[Path]:
-    """Export trials of the search in ``run`` (its folder or job YAML).
+    """Export trials of the search in ``run`` (its folder or job YAML), or with ``run=None``
+    of study ``study_name`` in ``storage_url`` (:func:`evomerge.results.open_run`).
 
     ``trial=N`` exports that trial, ``best`` (the default) the best one; either writes ``out``
     itself. ``pareto`` writes a folder ``out`` with ``trial-{N}.yaml`` (or ``trial-{N}/`` for
@@ -75,7 +76,8 @@ def export_run(
     from evomerge.results import open_run
 
     _check_format(fmt)
-    study, job = open_run(run, storage_url=storage_url)
+    study, job = open_run(run, storage_url=storage_url, study_name=study_name)
+    run = job.resolved_run_dir if run is None else run
     chosen = select_trials(study, job, trial=trial, best=best, pareto=pareto)
     held = stored_held_out(study)
     entries = [_TrialExport(t, job, held.get(t.number, {})) for t in chosen]
@@ -184,7 +186,7 @@ def _usable_load(load: LoadConfig) -> LoadConfig:
     return load.model_copy(update={"device": "cpu"})
 
 
-def _write_one(recipe: Recipe, path: Path, fmt: str, *, metrics: Mapping[str, Any] | None,
+def _write_one(recipe: AnyRecipe, path: Path, fmt: str, *, metrics: Mapping[str, Any] | None,
                held_out: Mapping[str, Any] | None, study_name: str | None, trial: int | None,
                load: LoadConfig | None) -> None:
     header = _header(study_name, trial, metrics, held_out)
@@ -201,7 +203,7 @@ def _write_one(recipe: Recipe, path: Path, fmt: str, *, metrics: Mapping[str, An
                   trial=trial, load=load)
 
 
-def _write_hf(recipe: Recipe, folder: Path, *, metrics: Mapping[str, Any] | None,
+def _write_hf(recipe: AnyRecipe, folder: Path, *, metrics: Mapping[str, Any] | None,
               held_out: Mapping[str, Any] | None, study_name: str | None, trial: int | None,
               load: LoadConfig | None) -> None:
     from evomerge.export_mergekit import export_mergekit_yaml
@@ -331,8 +333,8 @@ def _mark(folder: Path, fmt: str, *, study_name: str | None,
     (folder / MARKER).write_text(json.dumps(info, indent=1) + "\n")
 
 
-def _protected(recipe: Recipe) -> list[tuple[Path, str]]:
-    return [(Path(s), f"source model {n!r}") for n, s in recipe.sources.items()]
+def _protected(recipe: AnyRecipe) -> list[tuple[Path, str]]:
+    return [(Path(s), f"source model {n!r}") for n, s in recipe.model_sources().items()]
 
 
 def _run_protected(run: Path, job: JobConfig, storage_url: str | None) -> list[tuple[Path, str]]:

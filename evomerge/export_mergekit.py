@@ -31,7 +31,7 @@ import yaml
 from evomerge.coefficients import layer_index, per_layer
 from evomerge.merge import plan_merge
 from evomerge.methods_spec import METHODS, MethodSpec
-from evomerge.recipe import Recipe
+from evomerge.recipe import AnyRecipe, Recipe, ps_recipe
 
 DARE_NOTE = (
     "DARE drops task-vector entries at random. evomerge seeds each mask from (recipe seed, "
@@ -42,17 +42,13 @@ DARE_NOTE = (
 
 
 def mergekit_config(
-    recipe: Recipe, *, num_layers: int, tensor_names: Iterable[str] | None = None
+    recipe: AnyRecipe, *, num_layers: int, tensor_names: Iterable[str] | None = None
 ) -> dict[str, Any]:
     """The mergekit config dict for ``recipe`` on models with ``num_layers`` decoder layers.
 
     ``tensor_names`` (the base model's) are needed for ``non_layer: base`` only.
     """
-    if recipe.dfs is not None:
-        raise ValueError(
-            "this recipe is a data-flow (DFS) path; mergekit export covers parameter-space "
-            "recipes only. Export it with --format hf or --format recipe"
-        )
+    recipe = _exportable(recipe)
     plan = plan_merge(recipe, available=list(recipe.sources))
     if plan.spec.mergekit is None:
         raise ValueError(
@@ -70,16 +66,27 @@ def mergekit_config(
     return config
 
 
-def mergekit_yaml(recipe: Recipe, *, num_layers: int, tensor_names: Iterable[str] | None = None,
+def mergekit_yaml(recipe: AnyRecipe, *, num_layers: int, tensor_names: Iterable[str] | None = None,
                   header: Sequence[str] = ()) -> str:
     """:func:`mergekit_config` as YAML text, with ``header`` lines (and the DARE caveat) as
     comments on top."""
     config = mergekit_config(recipe, num_layers=num_layers, tensor_names=tensor_names)
     lines = list(header)
-    if METHODS[recipe.method].seeded:
+    if METHODS[_exportable(recipe).method].seeded:
         lines += ["", "NOTE: " + DARE_NOTE]
     comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in _wrap(lines))
     return comment + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=99)
+
+
+def _exportable(recipe: AnyRecipe) -> Recipe:
+    """``recipe`` if mergekit can express it: a ps recipe over model folders or hub ids."""
+    if not isinstance(recipe, Recipe):
+        from evomerge.engines import engine_factory
+
+        engine_factory(recipe.kind)  # a kind with no engine: that error first
+    return ps_recipe(recipe, user="a mergekit export", fix=(
+        "write that recipe out with `evomerge merge INNER.yaml DIR`, name DIR as the source "
+        "and export again"))
 
 
 class _Dumper(yaml.SafeDumper):
@@ -214,7 +221,7 @@ def _base_filters(recipe: Recipe, tensor_names: Iterable[str] | None) -> list[st
 def _ref(recipe: Recipe, name: str | None) -> str:
     """A source as mergekit reads it: an existing local folder as an absolute path."""
     assert name is not None
-    source = recipe.sources[name]
+    source = recipe.model_sources()[name]
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else source
 
@@ -229,10 +236,11 @@ def _wrap(lines: Sequence[str], width: int = 96) -> list[str]:
 
 
 # -- reading the base model's shape ------------------------------------------------------------
-def source_folder(recipe: Recipe) -> str:
+def source_folder(recipe: AnyRecipe) -> str:
     """The folder (or hub id) whose config and tensor names describe the merged model."""
+    recipe = _exportable(recipe)
     plan = plan_merge(recipe, available=list(recipe.sources))
-    return recipe.sources[plan.base or plan.models[0]]
+    return recipe.model_sources()[plan.base or plan.models[0]]
 
 
 def num_hidden_layers(source: str) -> int:
@@ -279,9 +287,9 @@ def tensor_names(source: str) -> list[str]:
     return names
 
 
-def export_mergekit_yaml(recipe: Recipe, *, header: Sequence[str] = ()) -> str:
+def export_mergekit_yaml(recipe: AnyRecipe, *, header: Sequence[str] = ()) -> str:
     """:func:`mergekit_yaml` with the layer count and tensor names read from the base model."""
     source = source_folder(recipe)
-    names = tensor_names(source) if recipe.non_layer == "base" else None
+    names = tensor_names(source) if _exportable(recipe).non_layer == "base" else None
     return mergekit_yaml(recipe, num_layers=num_hidden_layers(source), tensor_names=names,
                          header=header)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from evomerge.coefficients import layer_index, resolve
 from evomerge.methods_spec import KERNEL_ARG, METHODS, MethodSpec
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, ps_recipe
 
 
 class _Seeded:
@@ -59,6 +59,7 @@ def plan_merge(recipe: Recipe, *, available: Collection[str]) -> MergePlan:
     For methods with a base, a base model listed in ``models`` is the base (as in mergekit);
     ``linear`` merges exactly the listed models.
     """
+    recipe = ps_recipe(recipe, user="the reference merge", fix="merge the inner recipe first")
     spec = METHODS[recipe.method]  # unknown: UnknownNameError, with the closest name
     base = recipe.base_model
     if spec.needs_base and base is None:

@@ -24,13 +24,13 @@ import yaml
 from evomerge import __version__
 from evomerge.export_mergekit import DARE_NOTE
 from evomerge.merge import DARE
-from evomerge.recipe import Recipe
+from evomerge.recipe import AnyRecipe, Recipe
 
 RECIPE_FILE = "evomerge_recipe.yaml"
 
 
 def model_card(
-    recipe: Recipe,
+    recipe: AnyRecipe,
     *,
     title: str,
     metrics: Mapping[str, Any] | None = None,
@@ -48,7 +48,7 @@ def model_card(
         f"# {title}\n",
         f"A merge of {len(recipe.sources)} models made with "
         f"evomerge {__version__} on "
-        f"{date:%Y-%m-%d %H:%M} UTC, method `{recipe.method}`.\n",
+        f"{date:%Y-%m-%d %H:%M} UTC, {_summary(recipe)}.\n",
         _origin(study_name, trial),
         "## Source models\n",
         _sources(recipe),
@@ -70,9 +70,15 @@ def model_card(
     return "\n".join(p for p in parts if p)
 
 
-def _front_matter(recipe: Recipe) -> str:
+def _summary(recipe: AnyRecipe) -> str:
+    if isinstance(recipe, Recipe):
+        return f"method `{recipe.method}`"
+    return f"a data-flow path of {len(recipe.layers)} layers"
+
+
+def _front_matter(recipe: AnyRecipe) -> str:
     meta: dict[str, Any] = {"library_name": "transformers", "tags": ["merge", "evomerge"]}
-    hub = [s for s in recipe.sources.values() if not Path(s).expanduser().exists()]
+    hub = [s for s in recipe.model_sources().values() if not Path(s).expanduser().exists()]
     if hub:
         meta["base_model"] = hub
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
@@ -86,20 +92,30 @@ def _origin(study_name: str | None, trial: int | None) -> str:
     return f"The recipe is {which}{where}.\n"
 
 
-def _sources(recipe: Recipe) -> str:
+def _sources(recipe: AnyRecipe) -> str:
     rows = ["| name | role | source |", "|---|---|---|"]
     for name, source in recipe.sources.items():
-        if name == recipe.base_model:
-            role = "base"
-        elif name in recipe.models:
-            role = "merged"
-        else:
-            role = "unused"
-        rows.append(f"| {name} | {role} | `{source}` |")
+        shown = source if isinstance(source, str) else f"an inline {source.method} recipe"
+        rows.append(f"| {name} | {_role(recipe, name)} | `{shown}` |")
     return "\n".join(rows) + "\n"
 
 
-def _method(recipe: Recipe) -> str:
+def _role(recipe: AnyRecipe, name: str) -> str:
+    if isinstance(recipe, Recipe):
+        if name == recipe.base_model:
+            return "base"
+        return "merged" if name in recipe.models else "unused"
+    roles = [role for role, used in (("layers", any(n == name for n, _ in recipe.layers)),
+                                     ("embeddings, norm, head", name == recipe.embed_from))
+             if used]
+    return " and ".join(roles) or "unused"
+
+
+def _method(recipe: AnyRecipe) -> str:
+    if not isinstance(recipe, Recipe):
+        slots = ", ".join(f"{n}[{i}]" for n, i in recipe.layers)
+        return (f"- data-flow path: {slots}\n- embeddings, final norm and head: "
+                f"`{recipe.embed_from}`\n- dtype: `{recipe.dtype or 'float32'}`\n")
     lines = [f"- method: `{recipe.method}`"]
     if recipe.base_model:
         lines.append(f"- base model: `{recipe.base_model}`")

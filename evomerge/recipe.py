@@ -1,7 +1,21 @@
-"""The Recipe: one frozen, JSON-serialisable description of a merge.
+"""The Recipe: one frozen, JSON-serialisable description of a merge, of one of two kinds.
 
-A Recipe is what the search space produces, what a worker applies, what storage keeps (as a
-trial attribute) and what export writes. It round-trips exactly through JSON and YAML.
+A recipe is what the search space produces, what a worker applies, what storage keeps (as a
+trial attribute) and what export writes. It round-trips exactly through JSON and YAML. Its
+``kind`` tags it:
+
+- ``ps`` (:class:`Recipe`): a parameter-space merge, ``method`` over ``sources`` with per-model
+  and global coefficients. Written without a ``kind`` key, so recipes stay byte-identical to
+  those stored before kinds existed (same hash, same exported YAML); a dict without ``kind`` is
+  a ps recipe.
+- ``dfs`` (:class:`DFSRecipe`): a data-flow path (DESIGN.md section 4): the decoder layers a
+  token passes through, as ``(source, layer index)`` slots, one scale per slot, and the source
+  whose embeddings, final norm and head are used.
+
+A source names a model (a local path or hub id) or is an inline ps recipe, whose merged model is
+that source (PS-then-DFS). Load any kind with :meth:`Recipe.from_dict` (``from_json``,
+``from_yaml``): it returns the kind the data names. Whether a kind can be merged is up to the
+engines (:mod:`evomerge.engines`), not to this module.
 
 Coefficient values (a *Value*) follow mergekit's conventions:
 
@@ -18,30 +32,104 @@ Tensors outside the decoder layers (embeddings, final norm, lm_head) follow ``no
 
 >>> r = Recipe(method="task_arithmetic", sources={"base": "b", "x": "m1"}, base_model="base",
 ...            models={"x": {"weight": 0.5}})
->>> Recipe.from_json(r.to_json()) == r
-True
+>>> Recipe.from_json(r.to_json()) == r, r.kind
+(True, 'ps')
+>>> d = Recipe.from_dict({"kind": "dfs", "sources": {"m": r.to_dict(), "y": "m2"},
+...                       "layers": [["m", 0], ["y", 0], ["m", 1]], "scales": [1, 0.9, 1],
+...                       "embed_from": "m"})
+>>> type(d).__name__, Recipe.from_yaml(d.to_yaml()) == d
+('DFSRecipe', True)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from evomerge.registry import unknown_name_message
+
 LayerValues = tuple[float, ...]
 KindValue = float | LayerValues
 Value = float | LayerValues | dict[str, KindValue]
 ParamValue = bool | int | float | LayerValues | dict[str, KindValue] | str
+Dtype = Literal["float32", "float16", "bfloat16"]
 
 MODULE_KINDS = ("self_attn", "mlp", "default")
+KINDS = ("ps", "dfs")
+
+
+class _RecipeBase(BaseModel):
+    """Serialisation shared by every kind; ``from_*`` return the kind the data names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self.model_dump(mode="json", exclude_none=True))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AnyRecipe:
+        """The recipe ``data`` describes, of the kind its ``kind`` key names (default ``ps``)."""
+        data = dict(data)
+        kind = data.get("kind", "ps")
+        if kind == "ps":
+            return Recipe.model_validate(data)
+        if kind == "dfs":
+            return DFSRecipe.model_validate(data)
+        raise ValueError(unknown_name_message("recipe kind", str(kind), list(KINDS)))
+
+    @classmethod
+    def from_json(cls, text: str) -> AnyRecipe:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_yaml(cls, text: str) -> AnyRecipe:
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(
+                "a recipe YAML must be a mapping: 'method' and 'sources' (a ps recipe), or "
+                "'kind: dfs' with 'sources', 'layers', 'scales' and 'embed_from'"
+            )
+        return cls.from_dict(data)
+
+    @property
+    def hash(self) -> str:
+        """Stable content hash (sha256 of the canonical JSON), 16 hex digits."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def model_sources(self) -> dict[str, str]:
+        """Every source that names a model, those inside inline recipes as ``outer.inner``."""
+        sources: Mapping[str, str | Recipe] = getattr(self, "sources", {})
+        out: dict[str, str] = {}
+        for name, source in sources.items():
+            if isinstance(source, str):
+                out[name] = source
+            else:
+                out.update({f"{name}.{n}": s for n, s in source.model_sources().items()})
+        return out
 
 
 class DFSPath(BaseModel):
-    """A data-flow-space path: the layers a token passes through, with a scale per hop."""
+    """A data-flow-space path on a ps recipe (``Recipe.dfs``), the form before recipe kinds.
+
+    Kept so that such stored recipes load and round-trip; no engine merges it (a ps engine
+    refuses it rather than ignore it). New data-flow recipes are :class:`DFSRecipe`.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -58,20 +146,21 @@ class DFSPath(BaseModel):
         return self
 
 
-class Recipe(BaseModel):
-    """A complete, self-contained merge recipe (see module docstring for value shapes)."""
+class Recipe(_RecipeBase):
+    """A parameter-space (``kind: ps``) merge recipe (see module docstring for value shapes)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+    kind: Literal["ps"] = Field("ps", exclude=True)  # never written: see module docstring
     method: str
-    sources: dict[str, str] = Field(description="model name -> local path or hub id")
+    sources: dict[str, str | Recipe] = Field(
+        description="model name -> local path or hub id, or an inline ps recipe"
+    )
     base_model: str | None = None
     models: dict[str, dict[str, Value]] = Field(
         default_factory=dict, description="per-model parameters of the models being merged"
     )
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     non_layer: Literal["first", "base"] = "first"
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: Dtype | None = None
     seed: int = 0
     dfs: DFSPath | None = None
 
@@ -88,40 +177,70 @@ class Recipe(BaseModel):
                 _check_value(f"models.{name}.{key}", value)
         return self
 
-    # -- serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(self.model_dump(mode="json", exclude_none=True))
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+class DFSRecipe(_RecipeBase):
+    """A data-flow-space (``kind: dfs``) recipe: the path of decoder layers a token takes.
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    ``layers[t]`` is slot ``t``: ``(source, layer index)``; ``scales[t]`` multiplies the hidden
+    state as it enters slot ``t`` (from the embeddings for ``t = 0``, else from slot ``t - 1``),
+    i.e. the scale ``W_ij`` of that transition. Embeddings, the final norm and the head (and the
+    tokenizer) come from ``embed_from``.
+    """
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        return cls.model_validate(dict(data))
+    kind: Literal["dfs"] = "dfs"
+    sources: dict[str, str | Recipe] = Field(
+        description="model name -> local path or hub id, or an inline ps recipe"
+    )
+    layers: tuple[tuple[str, int], ...] = Field(
+        min_length=1, description="(source, layer index) per slot, in path order"
+    )
+    scales: tuple[float, ...] = Field(description="scale entering each slot")
+    embed_from: str = Field(description="source of the embeddings, final norm, head, tokenizer")
+    dtype: Dtype | None = None
 
-    @classmethod
-    def from_json(cls, text: str) -> Recipe:
-        return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def from_yaml(cls, text: str) -> Recipe:
-        data = yaml.safe_load(text)
-        if not isinstance(data, dict):
+    @model_validator(mode="after")
+    def _check_path(self) -> DFSRecipe:
+        known = ", ".join(self.sources)
+        if self.embed_from not in self.sources:
+            raise ValueError(f"embed_from {self.embed_from!r} is not in sources ({known})")
+        for t, (name, layer) in enumerate(self.layers):
+            if name not in self.sources:
+                raise ValueError(f"layers[{t}] names {name!r}, which is not in sources ({known})")
+            if layer < 0:
+                raise ValueError(f"layers[{t}] has layer index {layer}; give an index >= 0")
+        if len(self.scales) != len(self.layers):
             raise ValueError(
-                "a recipe YAML must be a mapping with at least 'method' and 'sources'"
+                f"scales has {len(self.scales)} entries but layers has {len(self.layers)}; "
+                "give one scale per slot"
             )
-        return cls.from_dict(data)
+        bad = [t for t, s in enumerate(self.scales) if not math.isfinite(s)]
+        if bad:
+            raise ValueError(f"scales[{bad[0]}] is {self.scales[bad[0]]}; give a finite number")
+        return self
 
-    @property
-    def hash(self) -> str:
-        """Stable content hash (sha256 of the canonical JSON), 16 hex digits."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
-    def __hash__(self) -> int:
-        return hash(self.to_json())
+AnyRecipe = Recipe | DFSRecipe
+
+
+def ps_recipe(recipe: Any, *, user: str, fix: str) -> Recipe:
+    """``recipe`` if it is a ps recipe over model folders or hub ids; else a ValueError naming
+    ``user`` (who cannot take it) and, for an inline source, ``fix``. A legacy ``dfs`` path is
+    refused, never dropped to merge the rest."""
+    if not isinstance(recipe, Recipe):
+        kind = getattr(recipe, "kind", type(recipe).__name__)
+        raise ValueError(f"{user} takes ps recipes only, not kind {kind!r}")
+    if recipe.dfs is not None:
+        raise ValueError(
+            f"this ps recipe carries a data-flow path ('dfs', the form before recipe kinds), "
+            f"which {user} cannot take and will not ignore; write it as a kind: dfs recipe "
+            "(layers, scales and embed_from at the top level)"
+        )
+    inline = [n for n, s in recipe.sources.items() if not isinstance(s, str)]
+    if inline:
+        raise ValueError(f"source {inline[0]!r} is an inline recipe, which {user} cannot take; "
+                         f"{fix}")
+    return recipe
+Source = str | Recipe  # a local path or hub id, or an inline ps recipe (its merged model)
 
 
 def _check_value(where: str, value: Any) -> None:

@@ -1,4 +1,9 @@
-"""The Ray worker: loads the models once (a Workspace), owns its evaluators, Recipe -> metrics.
+"""The Ray worker: holds one engine per recipe kind, owns its evaluators, Recipe -> metrics.
+
+The engine of the kind the search produces (ps: a Workspace, models loaded once) is built when
+the worker starts; an engine for another kind on the first recipe of that kind
+(:mod:`evomerge.engines`); a kind with no engine fails that trial with a ValueError. Evaluators
+see only the ``(model, tokenizer)`` an engine returns.
 
 Workers never talk to the study storage; the driver does. A Python exception in ``evaluate``
 reaches the driver as a ``RayTaskError`` (that trial fails, the actor lives on); a dead actor
@@ -14,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import JobConfig
+from evomerge.engines import Engine, engine_factory
 from evomerge.recipe import Recipe
+
+SEARCH_KIND = "ps"  # the kind every search space and AdaMerging produce in this version
 
 
 class MergeWorker:
@@ -24,22 +32,26 @@ class MergeWorker:
         import torch
 
         from evomerge.evaluators.base import build_evaluator
-        from evomerge.workspace import Workspace
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.job = JobConfig.model_validate_json(job_json)
         torch.set_num_threads(self.job.resources.torch_threads)
-        models = self.job.models
         t0 = time.perf_counter()
-        self.workspace = Workspace(
-            models.sources(), "base" if models.base is not None else None, load=self.job.load
-        )
+        self.engines: dict[str, Engine] = {}
+        self.engine(SEARCH_KIND)  # at start, as the pool expects: a bad model fails the worker
         self.evaluators = [build_evaluator(cfg) for cfg in self.job.evaluators]
         self._held_out: list[Any] | None = None
         self.load_s = time.perf_counter() - t0
 
+    def engine(self, kind: str) -> Engine:
+        """The engine for recipe kind ``kind``, built from the job on first use."""
+        if kind not in self.engines:
+            self.engines[kind] = engine_factory(kind).from_job(self.job)
+        return self.engines[kind]
+
     def ping(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "load_s": self.load_s, "num_layers": self.workspace.num_layers}
+        layers = self.engine(SEARCH_KIND).num_layers
+        return {"pid": os.getpid(), "load_s": self.load_s, "num_layers": layers}
 
     def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
         return self._run(recipe_json, self.evaluators, fraction)
@@ -61,13 +73,11 @@ class MergeWorker:
     def _run(self, recipe_json: str, evaluators: list[Any], fraction: float) -> dict[str, Any]:
         recipe = Recipe.from_json(recipe_json)
         t0 = time.perf_counter()
-        model = self.workspace.apply(recipe)
+        model, tokenizer = self.engine(recipe.kind).apply(recipe)
         t1 = time.perf_counter()
         metrics: dict[str, float] = {}
         for ev in evaluators:
-            metrics.update(
-                ev.evaluate(model, self.workspace.tokenizer, limit=_limit(ev, fraction))
-            )
+            metrics.update(ev.evaluate(model, tokenizer, limit=_limit(ev, fraction)))
         t2 = time.perf_counter()
         return {"metrics": metrics, "merge_s": t1 - t0, "eval_s": t2 - t1, "pid": os.getpid()}
 

@@ -1,5 +1,8 @@
 """The Workspace: models loaded once, each candidate recipe merged in place into one live model.
 
+It is the engine for ps recipes (:class:`evomerge.engines.PSEngine` adapts it); it refuses what
+it cannot merge (see :func:`mergeable`) rather than merge part of it.
+
 The base model (or the first source when there is none) is the *anchor*: the Workspace keeps a
 copy of its weights and, per tensor, the stacked task vectors ``theta_k - anchor`` of the other
 sources, on ``load.device`` in the model's dtype. :meth:`Workspace.apply` merges from those (never
@@ -43,7 +46,7 @@ from evomerge.loading import (
 from evomerge.merge import MergePlan, keeps_base, plan_merge, tensor_params
 from evomerge.merge_cache import DareLevels, TrimTables, rescale_factors
 from evomerge.methods_spec import MethodSpec
-from evomerge.recipe import Recipe
+from evomerge.recipe import AnyRecipe, Recipe, ps_recipe
 
 DEFAULT_LOAD = LoadConfig.model_validate({})
 
@@ -92,11 +95,12 @@ class Workspace:
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, load: LoadConfig | None = None) -> Workspace:
         """A Workspace holding just the models ``recipe`` uses, in ``recipe.dtype`` if set."""
+        recipe = mergeable(recipe)
         load = load or DEFAULT_LOAD
         if recipe.dtype is not None:
             load = load.model_copy(update={"dtype": recipe.dtype})
         used = {recipe.base_model, *recipe.models}
-        sources = {n: s for n, s in recipe.sources.items() if n in used}
+        sources = {n: s for n, s in recipe.model_sources().items() if n in used}
         return cls(sources, recipe.base_model, load=load)
 
     @property
@@ -119,7 +123,10 @@ class Workspace:
 
     # -- applying a recipe -------------------------------------------------------------------
     def apply(self, recipe: Recipe) -> Any:
-        """Write the merge ``recipe`` describes into :attr:`model` (in place) and return it."""
+        """Write the merge ``recipe`` describes into :attr:`model` (in place) and return it.
+
+        ValueError for what this (the ps) engine cannot merge: see :func:`mergeable`."""
+        recipe = mergeable(recipe)
         plan = plan_merge(recipe, available=self.names)
         self._check_recipe(recipe, plan)
         with torch.no_grad():
@@ -258,16 +265,27 @@ def _num_layers(config: Any) -> int:
     raise ValueError(f"cannot find the number of layers in the {type(config).__name__}")
 
 
-def merge_to_folder(recipe: Recipe, out: str | Path, *, load: LoadConfig | None = None) -> Path:
-    """Apply ``recipe`` and write a Hugging Face folder (safetensors, config, tokenizer) to
-    ``out``; returns ``out``. ``out`` must not be one of the recipe's source folders."""
+def mergeable(recipe: Any) -> Recipe:
+    """``recipe`` if the Workspace can merge it (another kind goes to its own engine,
+    :func:`evomerge.engines.engine_for`), else a ValueError that says why and what to do."""
+    return ps_recipe(recipe, user="the Workspace (the ps engine)", fix=(
+        "write that recipe out with `evomerge merge INNER.yaml DIR` and name DIR as the source"))
+
+
+def merge_to_folder(recipe: AnyRecipe, out: str | Path, *,
+                    load: LoadConfig | None = None) -> Path:
+    """Apply ``recipe`` with the engine of its kind and write a Hugging Face folder
+    (safetensors, config, tokenizer) to ``out``; returns ``out``. ``out`` must not be one of the
+    recipe's source folders. A kind with no engine is refused before anything is loaded."""
+    from evomerge.engines import engine_factory
+
     out = Path(out)
-    for name, source in recipe.sources.items():
+    factory = engine_factory(recipe.kind)
+    for name, source in recipe.model_sources().items():
         if Path(source).exists() and Path(source).resolve() == out.resolve():
             raise ValueError(f"output folder {str(out)!r} is source {name!r}; choose another")
-    workspace = Workspace.from_recipe(recipe, load=load)
-    model = workspace.apply(recipe)
+    model, tokenizer = factory.from_recipe(recipe, load=load).apply(recipe)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    workspace.tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
