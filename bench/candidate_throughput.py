@@ -130,7 +130,7 @@ def run_evomerge(job: dict[str, Any], *, profile_s: float = 0) -> dict[str, Any]
 
 
 def read_trials(run_dir: Path) -> list[dict[str, Any]]:
-    from evomerge.results import open_run
+    from evomerge.runs.results import open_run
 
     study, _ = open_run(run_dir)
     rows = []

@@ -1,12 +1,12 @@
 """Driver overhead: trials/s the real search driver sustains with many simulated workers.
 
-``evomerge.driver.run_search`` runs unchanged with ``worker_class=SleepWorker``: real Ray actors
-(``resources.num_cpus`` tiny) whose ``evaluate`` sleeps a fixed time and returns a deterministic
-metric computed from the recipe. Ideal throughput is ``workers / sleep_s`` trials/s; overhead is
-``1 - measured / ideal``. *Sustained* counts the trials completed from the first end after
-generation 1 to the first end of the last generation, a whole number of generations (pipeline
-full; unbiased when the workers finish in step); *end to end* runs from the first trial's
-start to the last trial's end (baselines, ramp-up and ramp-down included; actor start-up not).
+``evomerge.search.driver.run_search`` runs unchanged with ``worker_class=SleepWorker``: real Ray
+actors (``resources.num_cpus`` tiny) whose ``evaluate`` sleeps a fixed time and returns a
+deterministic metric computed from the recipe. Ideal throughput is ``workers / sleep_s`` trials/s;
+overhead is ``1 - measured / ideal``. *Sustained* counts the trials completed from the first end
+after generation 1 to the first end of the last generation, a whole number of generations (pipeline
+full; unbiased when the workers finish in step); *end to end* runs from the first trial's start to
+the last trial's end (baselines, ramp-up and ramp-down included; actor start-up not).
 
     python bench/driver_overhead.py                 # 8 and 32 workers: 6-15 min on 2 busy cores
     python bench/driver_overhead.py --workers 128 --storages journal --profile \
@@ -40,7 +40,7 @@ COLUMNS = ["storage", "sampler", "workers", "trials", "ideal_per_s", "sustained_
 
 
 def sleep_worker_class(sleep_s: float) -> type:
-    """A class with :class:`evomerge.worker.MergeWorker`'s methods that only sleeps."""
+    """A class with :class:`evomerge.search.worker.MergeWorker`'s methods that only sleeps."""
 
     class SleepWorker:
         def __init__(self, job_json: str) -> None:
@@ -173,7 +173,7 @@ def rates(study: Any, workers: int, sleep_s: float) -> dict[str, float]:
 
 def run_one(args: argparse.Namespace, root: Path, storage: str, sampler: str, workers: int,
             profile: bool = False) -> dict[str, Any]:
-    from evomerge.driver import run_search
+    from evomerge.search.driver import run_search
 
     name = f"ovh-{storage}-{sampler}-{workers}"
     trials = max(args.generations * workers, args.min_trials)

@@ -105,7 +105,7 @@ def copy_job(shapes: list[torch.Size], copies: int, dtype: torch.dtype,
 def bench_workspace(method: str, paths: dict[str, str], k: int, args, layers: int) -> dict:
     """Median apply time, with the copy of the same bytes timed right after each apply (so
     both see the same machine load)."""
-    from evomerge.workspace import Workspace
+    from evomerge.merge.workspace import Workspace
 
     sources = {"base": paths["base"], **{f"e{i}": paths[f"e{i}"] for i in range(k)}}
     ws = Workspace(sources, "base", load=LoadConfig(dtype=args.dtype, device=args.device))

@@ -89,7 +89,7 @@ def mergekit_params(recipe: Recipe, tensor_names: list[str], num_layers: int) ->
     evomerge's own rules so both merges use the very same coefficients."""
     from mergekit.merge_methods.base import PerGroupValues
 
-    from evomerge.merge import plan_merge, tensor_params
+    from evomerge.merge.reference import plan_merge, tensor_params
 
     plan = plan_merge(recipe, available=list(recipe.sources))
     per_key: dict[str, list[dict[str, float]]] = {}

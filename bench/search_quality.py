@@ -8,7 +8,7 @@ On the small toy suite (base + shift/rot13/mirror experts; fitness = mean exact 
 - NSGA-II and random search on the per-layer space; every search starts with evomerge's baselines;
 - grid-searched task arithmetic (shared lambda, 11 points) and TIES (shared weight = lambda with
   ``normalize: false``, and density; 5 x 5) -- ``per_model: false``, ``grid`` sampler;
-- layer-wise AdaMerging (``evomerge.adamerging.run_adamerging``): one point, 1 evaluation;
+- layer-wise AdaMerging (``evomerge.search.adamerging.run_adamerging``): one point, 1 evaluation;
 - mergekit-evolve 0.1.5 (CMA-ES, per-layer TIES, lm-eval fitness) through the CPU shim, its
   per-candidate scores logged by ``bench/peer/evolve_logged.py``; its incumbents are merged with
   mergekit and scored on the same test splits.
@@ -73,7 +73,7 @@ def run_evomerge(job_dict: dict[str, Any], *, reuse: bool = False) -> list[dict[
 
     from bench.candidate_throughput import read_trials
     from evomerge.config import parse_job
-    from evomerge.driver import run_search
+    from evomerge.search.driver import run_search
 
     run_dir = Path(job_dict["run_dir"])
     if reuse and (run_dir / "job.yaml").exists():
@@ -124,7 +124,7 @@ class HeldOut:
     def __init__(self, suite: Path) -> None:
         from evomerge.config import AccuracyEvalConfig, LoadConfig
         from evomerge.evaluators.base import build_evaluator
-        from evomerge.workspace import Workspace
+        from evomerge.merge.workspace import Workspace
 
         self.suite = suite
         tasks = suite_tasks(suite)
@@ -187,8 +187,8 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
 
 
 def run_adamerging(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, Any]:
-    from evomerge.adamerging import run_adamerging as ada
     from evomerge.config import parse_job
+    from evomerge.search.adamerging import run_adamerging as ada
 
     job = toy_job(args.suite, args.work / f"adamerging_{seed}", evaluator="accuracy",
                   limit=args.limit, workers=1, trials=1, layer_groups=1)

@@ -1,6 +1,6 @@
 """Per-trial cost of the Optuna storage calls the search driver makes, without Ray.
 
-For each trial the driver (``evomerge.driver.Loop``) calls ``study.ask(distributions)`` (one
+For each trial the driver (``evomerge.search.loop.Loop``) calls ``study.ask(distributions)`` (one
 ``set_trial_param`` write per parameter), ``trial.set_user_attr("recipe")``, then on the result
 ``set_user_attr("metrics")``, ``set_user_attr("timing")`` and ``study.tell`` (the progress bar
 reads nothing back). This times exactly that sequence per storage and sampler, with BLAS on one
@@ -25,7 +25,7 @@ import optuna  # noqa: E402
 from optuna.distributions import BaseDistribution, FloatDistribution  # noqa: E402
 
 from bench.common import format_table  # noqa: E402
-from evomerge.storage import close_storage  # noqa: E402
+from evomerge.search.storage import close_storage  # noqa: E402
 
 PHASES = ("ask", "recipe_attr", "result_attrs", "tell")
 COLUMNS = ["storage", "sampler", "params", "trials", "ms_per_trial", *(f"{p}_ms" for p in PHASES)]
@@ -36,7 +36,7 @@ def storages(root: Path) -> dict[str, Callable[[str], Any]]:
     optuna's own locking journal backend (what the driver used before), SQLite, memory."""
     from optuna.storages.journal import JournalFileBackend
 
-    from evomerge.storage import open_storage
+    from evomerge.search.storage import open_storage
 
     return {
         "journal": lambda name: open_storage(f"journal:{root / name}.journal", root, writer=True),

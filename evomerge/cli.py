@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import errno
 
         if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # a full disk
-            from evomerge.storage import DiskFullError
+            from evomerge.search.storage import DiskFullError
 
             search = args.command == "search"
             then = f"run `evomerge search {args.job} --resume`" if search else "run it again"
@@ -109,8 +109,8 @@ def _toy(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from evomerge.config import LoadConfig
-    from evomerge.export import export_recipe
     from evomerge.recipe import Recipe
+    from evomerge.runs.export import export_recipe
 
     if not args.recipe.is_file():
         raise FileNotFoundError(f"recipe {str(args.recipe)!r} does not exist")
@@ -125,8 +125,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from evomerge.config import load_job
-    from evomerge.driver import run_search
-    from evomerge.results import best_trials
+    from evomerge.runs.results import best_trials
+    from evomerge.search.driver import run_search
 
     job = load_job(args.job)
     study = run_search(
@@ -148,7 +148,7 @@ def _validate(args: argparse.Namespace) -> int:
     import yaml
 
     from evomerge.config import load_job
-    from evomerge.preflight import preflight
+    from evomerge.search.preflight import preflight
 
     job = load_job(args.job)
     for note in preflight(job, address=args.address):
@@ -160,7 +160,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from evomerge.results import open_run, results_frame
+    from evomerge.runs.results import open_run, results_frame
 
     study, job = open_run(args.run, storage_url=args.storage, study_name=args.study)
     df = results_frame(study, job)
@@ -177,7 +177,7 @@ def _results(args: argparse.Namespace) -> int:
 
 def _best(args: argparse.Namespace) -> int:
     from evomerge.recipe import Recipe
-    from evomerge.results import best_trials, open_run
+    from evomerge.runs.results import best_trials, open_run
 
     study, job = open_run(args.run, storage_url=args.storage, study_name=args.study)
     for t in best_trials(study, job):
@@ -188,7 +188,7 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from evomerge.export import export_run
+    from evomerge.runs.export import export_run
 
     paths = export_run(
         args.run,
@@ -207,8 +207,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _adamerge(args: argparse.Namespace) -> int:
-    from evomerge.adamerging import run_adamerging
     from evomerge.config import load_job
+    from evomerge.search.adamerging import run_adamerging
 
     result = run_adamerging(load_job(args.job))
     text = result.recipe.to_yaml()

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from evomerge.methods_spec import METHODS, VALID_RANGE  # each parameter's valid range
+from evomerge.merge.methods_spec import METHODS, VALID_RANGE  # each parameter's valid range
 from evomerge.strict import (
     Bool,
     ConfigError,

@@ -8,7 +8,7 @@ tokenizer. :data:`ENGINES` maps a kind to its factory as a lazy ``"module:attr"`
 with no engine (``dfs`` in this version) is refused with a ValueError, never merged as another
 kind.
 
-The ps engine is the :class:`~evomerge.workspace.Workspace` (models loaded once, each recipe
+The ps engine is the :class:`~evomerge.merge.workspace.Workspace` (models loaded once, each recipe
 merged in place into one live model), adapted by :class:`PSEngine`.
 
 >>> ENGINES.names()
@@ -29,7 +29,7 @@ from evomerge.registry import Registry
 
 if TYPE_CHECKING:
     from evomerge.config import JobConfig, LoadConfig
-    from evomerge.workspace import Workspace
+    from evomerge.merge.workspace import Workspace
 
 
 class Engine(Protocol):
@@ -94,14 +94,14 @@ class PSEngine:
 
     @classmethod
     def from_job(cls, job: JobConfig) -> PSEngine:
-        from evomerge.workspace import Workspace
+        from evomerge.merge.workspace import Workspace
 
         base = "base" if job.models.base is not None else None
         return cls(Workspace(job.models.sources(), base, load=job.load))
 
     @classmethod
     def from_recipe(cls, recipe: Any, *, load: LoadConfig | None = None) -> PSEngine:
-        from evomerge.workspace import Workspace
+        from evomerge.merge.workspace import Workspace
 
         return cls(Workspace.from_recipe(recipe, load=load))
 

@@ -1,12 +1,12 @@
 """The extension-point registries, filled with lazy import strings (nothing heavy imported).
 
-Merge methods are :class:`evomerge.methods_spec.MethodSpec` objects (pure data, their kernels
-lazy), declared and registered in :mod:`evomerge.methods_spec`.
+Merge methods are :class:`evomerge.merge.methods_spec.MethodSpec` objects (pure data, their kernels
+lazy), declared and registered in :mod:`evomerge.merge.methods_spec`.
 """
 
 from __future__ import annotations
 
-from evomerge.methods_spec import METHODS as MERGE_METHODS
+from evomerge.merge.methods_spec import METHODS as MERGE_METHODS
 from evomerge.registry import Registry
 
 __all__ = ["EVALUATORS", "MERGE_METHODS", "SAMPLERS", "SEARCH_SPACES"]
@@ -23,4 +23,4 @@ EVALUATORS.register("cost", "evomerge.evaluators.cost:CostEvaluator")
 
 SAMPLERS = Registry("sampler")
 for _name in ("cmaes", "nsga2", "tpe", "random", "grid"):
-    SAMPLERS.register(_name, f"evomerge.samplers:make_{_name}")
+    SAMPLERS.register(_name, f"evomerge.search.samplers:make_{_name}")

@@ -5,7 +5,7 @@ or validating a config imports nothing heavy. A duplicate name is an error; an u
 the known ones and suggests the closest; :meth:`Registry.unregister` removes a name (tests).
 
 >>> r = Registry("merge method")
->>> r.register("linear", "evomerge.merge_methods:linear")
+>>> r.register("linear", "evomerge.merge.merge_methods:linear")
 >>> r.names()
 ['linear']
 """

@@ -2,8 +2,8 @@
 
 Stable parameter names: ``{p}/{model}/{group}`` (plus ``/{kind}`` with module kinds), where
 ``p`` is the per-model parameter's short name in its spec (``w`` weight, ``d`` density, ``g``
-gamma; see :mod:`evomerge.methods_spec`); ``model`` is ``all`` when coefficients are shared across
-models; global method parameters searched as ``{name}/{group}``.
+gamma; see :mod:`evomerge.merge.methods_spec`); ``model`` is ``all`` when coefficients are shared
+across models; global method parameters searched as ``{name}/{group}``.
 
 >>> from evomerge.config import ModelsConfig, ParameterSpaceConfig
 >>> models = ModelsConfig(base={"path": "b"}, experts={"x": {"path": "x"}, "y": {"path": "y"}})
@@ -21,7 +21,7 @@ from typing import Any
 from optuna.distributions import FloatDistribution
 
 from evomerge.config import ModelsConfig, ParameterSpaceConfig
-from evomerge.methods_spec import METHODS, ParamSpec
+from evomerge.merge.methods_spec import METHODS, ParamSpec
 from evomerge.recipe import Recipe
 
 KINDS = ("self_attn", "mlp", "default")
@@ -123,7 +123,7 @@ class ParameterSpace:
         return out
 
     def default(self) -> Recipe:
-        """The method's default coefficients (see :mod:`evomerge.methods_spec`)."""
+        """The method's default coefficients (see :mod:`evomerge.merge.methods_spec`)."""
         return self.decode(self.clip({n: self._default_of(n) for n in self.distributions()}))
 
     def _default_of(self, name: str) -> float:

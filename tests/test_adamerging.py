@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from evomerge.adamerging import adamerge, merged_params, run_adamerging, task_vectors
 from evomerge.config import AdaMergingConfig, JobConfig
-from evomerge.merge import merge_state_dicts
-from evomerge.workspace import Workspace
+from evomerge.merge.reference import merge_state_dicts
+from evomerge.merge.workspace import Workspace
+from evomerge.search.adamerging import adamerge, merged_params, run_adamerging, task_vectors
 
 PROMPTS = ["rev:abc>", "srt:3120>", "cpy:hello>", "swp:abcdef>", "sft:xyz>", "add:12+7>"]
 LABELED = [{"prompt": "rev:abc>", "answer": "cba"}, {"prompt": "srt:31>", "answer": "13"}]
@@ -88,7 +88,7 @@ def test_ties_trims_and_elects_signs():
 
 
 def test_gradient_flows_to_every_lambda(tiny_models):
-    from evomerge.adamerging import load_models
+    from evomerge.search.adamerging import load_models
 
     model, _, other = load_models(str(tiny_models["base"]),
                                   {e: str(tiny_models[e]) for e in "ab"})
@@ -137,8 +137,8 @@ def test_run_adamerging_from_a_job(tiny_models, tmp_path):
 
 
 def test_scored_positions(tiny_models):
-    from evomerge.adamerging import load_models
     from evomerge.evaluators.entropy import scored_batch
+    from evomerge.search.adamerging import load_models
 
     model, tok, _ = load_models(str(tiny_models["base"]), {})
     params = dict(model.named_parameters())

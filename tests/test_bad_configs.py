@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from evomerge import cli, driver
+from evomerge import cli
+from evomerge.search import driver
 from tests.conftest import make_tiny_llama
 
 Build = Callable[[dict[str, str]], Any]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
+import sys
+from collections.abc import Iterator
 
 import cmaes
 import numpy as np
@@ -13,19 +16,20 @@ from optuna.distributions import FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from evomerge.cma_restarts import (
+from evomerge.config import CmaesConfig, ConfigError, parse_job
+from evomerge.search.cma_restarts import (
     GEN_KEY,
     PICKLED_KEY,
     STATE_KEY,
     TRUST_PICKLED_ENV,
     IpopCmaSampler,
+    RunState,
     from_unit,
     optimizer_state,
     set_optimizer_state,
     to_unit,
 )
-from evomerge.config import CmaesConfig, ConfigError, parse_job
-from evomerge.samplers import make_cmaes
+from evomerge.search.samplers import make_cmaes
 
 SPACE = {"a": FloatDistribution(0.0, 1.0), "b": FloatDistribution(1e-3, 10.0, log=True)}
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -250,11 +254,22 @@ def _sample_space(study: optuna.Study, objective, n: int) -> None:
         study.tell(trial, objective(trial.params))
 
 
+@contextlib.contextmanager
+def _old_module_path() -> Iterator[None]:
+    """Pickle ``RunState`` as ``evomerge.cma_restarts.RunState``, its path before issue 11."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RunState, "__module__", "evomerge.cma_restarts")
+        mp.setitem(sys.modules, "evomerge.cma_restarts", sys.modules[IpopCmaSampler.__module__])
+        yield
+
+
 class _PicklingSampler(IpopCmaSampler):
     """Stores its state the way evomerge did before JSON (``git show`` of that ``_save``)."""
 
     def _save(self, study, trial, state) -> None:
-        blob = pickle.dumps(state).hex()
+        with _old_module_path():  # the pickle names RunState's module before the subpackages
+            blob = pickle.dumps(state).hex()
+        assert b"evomerge.cma_restarts".hex() in blob
         chunks = [blob[i : i + 2000] for i in range(0, len(blob), 2000)]
         storage = study._storage
         for i, chunk in enumerate(chunks):

@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.cli import main
-from evomerge.storage import DiskFullError, DriverJournalFile, close_storage, open_storage
+from evomerge.search.storage import DiskFullError, DriverJournalFile, close_storage, open_storage
 from tests.test_resume import load
 from tests.test_search import job_dict
 
@@ -145,7 +145,7 @@ def test_search_stops_on_a_full_disk_and_resume_reaches_the_budget(search_suite,
 def test_job_yaml_on_a_full_device_names_the_file(search_suite, tmp_path):
     """A failed write() does not name its file; the driver names job.yaml itself."""
     from evomerge.config import parse_job
-    from evomerge.study import open_study
+    from evomerge.search.study import open_study
 
     run = tmp_path / "run"
     run.mkdir()

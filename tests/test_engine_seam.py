@@ -9,11 +9,11 @@ import torch
 from evomerge import cli
 from evomerge.config import parse_job
 from evomerge.engines import ENGINES, PSEngine, engine_for
-from evomerge.export import export_recipe
-from evomerge.export_mergekit import export_mergekit_yaml, mergekit_config
+from evomerge.merge.workspace import Workspace, merge_to_folder
 from evomerge.recipe import DFSRecipe, Recipe
-from evomerge.worker import MergeWorker
-from evomerge.workspace import Workspace, merge_to_folder
+from evomerge.runs.export import export_recipe
+from evomerge.runs.export_mergekit import export_mergekit_yaml, mergekit_config
+from evomerge.search.worker import MergeWorker
 
 NO_ENGINE = "recipe kind 'dfs' has no engine in this version"
 
@@ -146,7 +146,7 @@ def test_the_worker_evaluates_what_the_kinds_engine_returns(toy_engine, tiny_mod
 
 
 def test_hf_export_goes_through_the_engine_of_the_kind(toy_engine, tiny_models, tmp_path):
-    from evomerge.model_card import RECIPE_FILE
+    from evomerge.runs.model_card import RECIPE_FILE
 
     ENGINES.register("dfs", toy_engine)  # a stand-in DFS engine
     recipe = dfs_recipe(tiny_models)

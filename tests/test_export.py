@@ -20,11 +20,11 @@ from optuna.trial import TrialState, create_trial
 from safetensors.torch import load_file
 
 from evomerge import cli
-from evomerge.export import _atomic, export_recipe, export_run
-from evomerge.export_mergekit import mergekit_config, mergekit_yaml
-from evomerge.merge import merge_state_dicts
-from evomerge.model_card import RECIPE_FILE
+from evomerge.merge.reference import merge_state_dicts
 from evomerge.recipe import DFSPath, Recipe
+from evomerge.runs.export import _atomic, export_recipe, export_run
+from evomerge.runs.export_mergekit import mergekit_config, mergekit_yaml
+from evomerge.runs.model_card import RECIPE_FILE
 
 NUM_LAYERS = 4  # tests/conftest.py TINY
 NON_LAYER = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
@@ -186,7 +186,7 @@ def hf_export(tiny_models, tmp_path_factory):
 
 
 def test_hf_folder_loads_in_fresh_process_with_same_logits(hf_export, tmp_path):
-    from evomerge.workspace import Workspace
+    from evomerge.merge.workspace import Workspace
 
     recipe, out = hf_export
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",

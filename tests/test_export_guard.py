@@ -17,8 +17,8 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge import cli
-from evomerge.export import MARKER, export_recipe
 from evomerge.recipe import Recipe
+from evomerge.runs.export import MARKER, export_recipe
 from tests.test_export import _recipe, make_run
 
 

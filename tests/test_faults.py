@@ -19,12 +19,12 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.config import parse_job
-from evomerge.driver import build_space, run_search
-from evomerge.heldout import stored_held_out
 from evomerge.recipe import Recipe
-from evomerge.references import stored_references
-from evomerge.study import INTERRUPTED, close_study, counted_trials, open_study
-from evomerge.worker import MergeWorker
+from evomerge.search.driver import build_space, run_search
+from evomerge.search.heldout import stored_held_out
+from evomerge.search.references import stored_references
+from evomerge.search.study import INTERRUPTED, close_study, counted_trials, open_study
+from evomerge.search.worker import MergeWorker
 from tests.test_search import job_dict
 
 pytestmark = pytest.mark.slow  # real searches on a Ray cluster: the full lane

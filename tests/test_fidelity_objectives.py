@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from evomerge.config import AccuracyEvalConfig, CostEvalConfig, LmEvalConfig, Objective
-from evomerge.fidelity import dominates, promote_multi, rung_step
-from evomerge.objectives import check_objectives, objective_values
+from evomerge.search.fidelity import dominates, promote_multi, rung_step
+from evomerge.search.objectives import check_objectives, objective_values
 
 
 def test_dominates_respects_directions():
@@ -52,7 +52,7 @@ def test_grid_sampler_works_ask_tell_past_exhaustion():
     from optuna.distributions import FloatDistribution
 
     from evomerge.config import GridConfig
-    from evomerge.samplers import make_grid
+    from evomerge.search.samplers import make_grid
 
     dists = {"w": FloatDistribution(0.0, 1.0)}
     study = optuna.create_study(sampler=make_grid(GridConfig(name="grid", points=3), dists))

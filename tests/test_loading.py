@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from evomerge.config import LoadConfig
-from evomerge.loading import load_model, parse_source, safetensors_shapes, tensor_shapes
+from evomerge.merge.loading import load_model, parse_source, safetensors_shapes, tensor_shapes
+from evomerge.merge.workspace import Workspace
 from evomerge.recipe import Recipe
 from evomerge.registry import UnknownNameError
-from evomerge.workspace import Workspace
 from tests.conftest import make_tiny_llama
 
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from evomerge import merge_methods as mm
-from evomerge import trimming
-from evomerge.coefficients import layer_index, per_layer, resolve
-from evomerge.methods_spec import METHODS
+from evomerge.merge import merge_methods as mm
+from evomerge.merge import trimming
+from evomerge.merge.coefficients import layer_index, per_layer, resolve
+from evomerge.merge.methods_spec import METHODS
 from evomerge.registries import MERGE_METHODS
 
 

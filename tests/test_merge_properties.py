@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evomerge.merge import merge_state_dicts
+from evomerge.merge.reference import merge_state_dicts
 from evomerge.recipe import Recipe
 
 LAYERS = 2

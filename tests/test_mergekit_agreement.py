@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.coefficients import per_layer
-from evomerge.merge import merge_state_dicts
+from evomerge.merge.coefficients import per_layer
+from evomerge.merge.reference import merge_state_dicts
+from evomerge.merge.workspace import Workspace
 from evomerge.recipe import Recipe
-from evomerge.workspace import Workspace
 
 LAYERS = 4
 KINDS = {"self_attn": 0.3, "mlp": (0.5, 1.0), "default": 0.8}

@@ -1,4 +1,4 @@
-"""One contract, run over every merge method in ``evomerge.methods_spec.METHODS`` (and over a
+"""One contract, run over every merge method in ``evomerge.merge.methods_spec.METHODS`` (and over a
 throwaway method this file registers, to show that one declaration plus a kernel is enough).
 
 Everything a case needs comes from the method's spec; a method without a per-model ``weight``
@@ -15,11 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from evomerge import merge_methods as mm
 from evomerge.config import ModelsConfig, ParameterSpaceConfig
-from evomerge.export_mergekit import mergekit_yaml
-from evomerge.merge import merge_state_dicts, plan_merge
-from evomerge.methods_spec import (
+from evomerge.merge import merge_methods as mm
+from evomerge.merge.methods_spec import (
     METHODS,
     VALID_RANGE,
     WEIGHT,
@@ -29,10 +27,12 @@ from evomerge.methods_spec import (
     register_method,
     unregister_method,
 )
+from evomerge.merge.reference import merge_state_dicts, plan_merge
+from evomerge.merge.workspace import Workspace
 from evomerge.recipe import Recipe
 from evomerge.registry import UnknownNameError
+from evomerge.runs.export_mergekit import mergekit_yaml
 from evomerge.search_spaces.parameter import ParameterSpace
-from evomerge.workspace import Workspace
 
 LAYERS = 4  # tests/conftest.py TINY
 ONE_HOT = {"slerp": {"t": 1.0}}  # global parameters that give the first model exactly
@@ -220,7 +220,7 @@ def test_registration_refuses_inconsistent_specs():
         register_method(clash)
     assert "odd" not in METHODS
     with pytest.raises(ValueError, match="family 'task_arithmetic' needs"):
-        MethodSpec("half", kernel="evomerge.merge_methods:gta", needs_base=True,
+        MethodSpec("half", kernel="evomerge.merge.merge_methods:gta", needs_base=True,
                    model_params={"weight": WEIGHT}, family="task_arithmetic",
                    sparsifier="magnitude", flags={"normalize": True})
     with pytest.raises(ValueError, match="outside its valid range"):

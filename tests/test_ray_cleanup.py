@@ -87,7 +87,7 @@ def test_sigkill_of_the_search_driver_leaves_no_ray_process(search_suite, tmp_pa
 
 SCRIPT = """
 import sys
-from evomerge.ray_cluster import start_ray
+from evomerge.search.ray_cluster import start_ray
 assert start_ray(None) is True
 import ray
 print(ray.util.get_node_ip_address(), flush=True)

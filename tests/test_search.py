@@ -10,11 +10,11 @@ import pytest
 from optuna.trial import TrialState
 
 from evomerge.config import parse_job
-from evomerge.driver import run_search
-from evomerge.heldout import stored_held_out
-from evomerge.objectives import objective_values
-from evomerge.results import best_trials, open_run, pareto_front, results_frame
-from evomerge.study import counted_trials
+from evomerge.runs.results import best_trials, open_run, pareto_front, results_frame
+from evomerge.search.driver import run_search
+from evomerge.search.heldout import stored_held_out
+from evomerge.search.objectives import objective_values
+from evomerge.search.study import counted_trials
 
 
 def job_dict(suite, run_dir, **search) -> dict:
@@ -73,8 +73,8 @@ def test_search_completes_and_beats_baselines(ray_local, search_suite, tmp_path)
     assert ref["state"] == "REFERENCE" and ref[f"held_out:entropy/{task}"] > 0
     # held-out scores the whole test split (``limit`` caps the fitness split only)
     from evomerge.evaluators.entropy import EntropyEvaluator
+    from evomerge.merge.workspace import Workspace
     from evomerge.recipe import Recipe
-    from evomerge.workspace import Workspace
 
     best = study.best_trial
     ws = Workspace(job.models.sources(), "base", load=job.load)
@@ -83,7 +83,7 @@ def test_search_completes_and_beats_baselines(ray_local, search_suite, tmp_path)
     assert full.num_examples > 32
     expected = full.evaluate(model, ws.tokenizer)[f"entropy/{task}"]
     assert held[best.number]["metrics"][f"entropy/{task}"] == pytest.approx(expected, rel=1e-5)
-    from evomerge.references import stored_references
+    from evomerge.search.references import stored_references
 
     stored = stored_references(study)["uniform_task_arithmetic"]
     uniform = Recipe.from_dict(stored["recipe"])

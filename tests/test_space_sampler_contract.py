@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 from evomerge.config import ModelsConfig, ParameterSpaceConfig, SamplerConfig
 from evomerge.recipe import Recipe
 from evomerge.registries import SAMPLERS, SEARCH_SPACES
-from evomerge.samplers import make_sampler
+from evomerge.search.samplers import make_sampler
 
 GENERATION = 4
 MODELS = ModelsConfig(base={"path": "b"}, experts={"x": {"path": "x"}, "y": {"path": "y"}})

@@ -17,7 +17,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from evomerge.storage import (
+from evomerge.search.storage import (
     DriverJournalFile,
     JournalLockedError,
     close_storage,
@@ -84,7 +84,7 @@ def holder(path: Path, code: str) -> subprocess.Popen:
     script = (
         "import sys, time, optuna\n"
         "from pathlib import Path\n"
-        "from evomerge.storage import open_storage\n"
+        "from evomerge.search.storage import open_storage\n"
         f"path = Path({str(path)!r})\n"
         "storage = open_storage(f'journal:{path}', path.parent, writer=True)\n"
         f"{code}\n"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.merge import merge_state_dicts
-from evomerge.merge_cache import pack_levels, unpack_levels
+from evomerge.merge.merge_cache import pack_levels, unpack_levels
+from evomerge.merge.reference import merge_state_dicts
+from evomerge.merge.workspace import Workspace, merge_to_folder
 from evomerge.recipe import Recipe
-from evomerge.workspace import Workspace, merge_to_folder
 
 W = {"self_attn": (0.2, 0.9), "mlp": 0.5, "default": 0.7}
 RECIPES = {
@@ -246,7 +246,7 @@ def test_merge_to_folder_loads_with_transformers(tmp_path, sources, state_dicts)
 def test_compiled_kernels_equal_the_reference(name, workspace, sources, state_dicts,
                                               monkeypatch):
     """Big tensors run through ``torch.compile``; force it on the tiny model's tensors."""
-    from evomerge import kernels
+    from evomerge.merge import kernels
 
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)
     recipe = make(name, sources)

@@ -11,11 +11,11 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from evomerge.config import parse_job
-from evomerge.driver import run_search
-from evomerge.export_mergekit import mergekit_yaml
-from evomerge.merge import merge_state_dicts
+from evomerge.merge.reference import merge_state_dicts
+from evomerge.merge.workspace import Workspace
 from evomerge.recipe import Recipe
-from evomerge.workspace import Workspace
+from evomerge.runs.export_mergekit import mergekit_yaml
+from evomerge.search.driver import run_search
 from tests.test_export import run_mergekit_yaml
 
 ZERO_MLP = {"mlp": 0.0, "default": 0.5}  # every weight 0 on the MLP tensors only

@@ -216,7 +216,7 @@ def _build(root: Path, s: dict[str, Any]) -> None:
 
 def _uniform_merge(models: dict[str, Any], s: dict[str, Any]) -> Any:
     """θ0 + Σ τk / K through the merge engine (the search's uniform baseline)."""
-    from evomerge.merge import merge_state_dicts
+    from evomerge.merge.reference import merge_state_dicts
     from evomerge.recipe import Recipe
 
     tasks = s["expert_tasks"]

@@ -9,7 +9,7 @@ validation and the mergekit export all read it; nothing imports torch here, so c
 without heavy imports.
 
 Names, parameter meanings and defaults follow mergekit 0.1.5, so an exported recipe reproduces the
-same weights there. The kernels live in :mod:`evomerge.merge_methods`. Adding a method is one
+same weights there. The kernels live in :mod:`evomerge.merge.merge_methods`. Adding a method is one
 :func:`register_method` call plus its kernel.
 
 >>> METHODS["ties"].flags
@@ -17,7 +17,7 @@ same weights there. The kernels live in :mod:`evomerge.merge_methods`. Adding a 
 >>> METHODS["ties"].model_params["density"].default
 1.0
 >>> spec = register_method(MethodSpec(
-...     "half_linear", kernel="evomerge.merge_methods:linear", needs_base=False,
+...     "half_linear", kernel="evomerge.merge.merge_methods:linear", needs_base=False,
 ...     model_params={"weight": ParamSpec(0.5, 0.0, 1.0, short="w")}, flags={"normalize": True}))
 >>> unregister_method("half_linear") is spec
 True
@@ -86,7 +86,7 @@ def in_range(valid: Range, value: float) -> bool:
 @dataclass(frozen=True)
 class MethodSpec:
     """One merge method. ``kernel(base, tensors, **params)`` is the reference per-tensor function
-    (a lazy ``"module:attr"`` or a callable; see :mod:`evomerge.merge_methods`).
+    (a lazy ``"module:attr"`` or a callable; see :mod:`evomerge.merge.merge_methods`).
 
     ``family`` picks the Workspace's fused path: ``"linear"`` (``sum_k w_k theta_k``),
     ``"task_arithmetic"`` (generalized task arithmetic: ``sparsifier`` is None, ``"magnitude"``
@@ -250,7 +250,7 @@ DENSITY = ParamSpec(default=1.0, low=0.1, high=1.0, baseline=0.5, valid=(0.0, 1.
 LAMBDA = ParamSpec(default=1.0, low=0.0, high=2.0)
 GAMMA = ParamSpec(0.01, 0.0, 0.1, valid=(0.0, 1.0, True, False), short="g")
 T = ParamSpec(0.5, 0.0, 1.0, valid=(0.0, 1.0, True, True), mergekit_required=True)
-KERNELS = "evomerge.merge_methods"
+KERNELS = "evomerge.merge.merge_methods"
 
 
 def _task_arithmetic(name: str, *, sparsifier: Any = None, consensus: bool = False,

@@ -28,9 +28,9 @@ from typing import Any
 
 import yaml
 
-from evomerge.coefficients import layer_index, per_layer
-from evomerge.merge import plan_merge
-from evomerge.methods_spec import METHODS, MethodSpec
+from evomerge.merge.coefficients import layer_index, per_layer
+from evomerge.merge.methods_spec import METHODS, MethodSpec
+from evomerge.merge.reference import plan_merge
 from evomerge.recipe import AnyRecipe, Recipe, ps_recipe
 
 DARE_NOTE = (
@@ -247,7 +247,7 @@ def num_hidden_layers(source: str) -> int:
     """``num_hidden_layers`` (or ``n_layer``/``num_layers``) from a model's config."""
     from transformers import AutoConfig
 
-    from evomerge.loading import locate
+    from evomerge.merge.loading import locate
 
     location, revision, _ = locate("base", source)
     try:
@@ -264,7 +264,7 @@ def num_hidden_layers(source: str) -> int:
 
 def tensor_names(source: str) -> list[str]:
     """Tensor names in a local model folder's safetensors files (headers only)."""
-    from evomerge.loading import locate
+    from evomerge.merge.loading import locate
 
     location, _, local = locate("base", source)
     if not local:

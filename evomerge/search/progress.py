@@ -1,7 +1,7 @@
 """What a running search reports: small frozen events, and the tqdm bar that shows them.
 
-:class:`evomerge.driver.Search` hands each event to one ``on_event`` callback, in order, in the
-thread that runs the search. A search that runs to its end sends, per phase (``search``,
+:class:`evomerge.search.driver.Search` hands each event to one ``on_event`` callback, in order, in
+the thread that runs the search. A search that runs to its end sends, per phase (``search``,
 ``held_out``, ``reference``), a :class:`PhaseStarted`, then (in ``search``) one
 :class:`TrialFinished` per tell, then a :class:`PhaseFinished`. A stopped search ends with
 :class:`Stopped` instead, sent once the writer lock is released and Ray is shut down.

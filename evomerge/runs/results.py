@@ -18,10 +18,10 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import JobConfig, load_job, parse_job
-from evomerge.fidelity import dominates
-from evomerge.heldout import stored_held_out
-from evomerge.storage import JOB_ATTR, load_job_dict, open_storage
-from evomerge.storage import storage_url as storage_url_of
+from evomerge.search.fidelity import dominates
+from evomerge.search.heldout import stored_held_out
+from evomerge.search.storage import JOB_ATTR, load_job_dict, open_storage
+from evomerge.search.storage import storage_url as storage_url_of
 
 
 def open_run(
@@ -119,8 +119,8 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
 
 def _reference_rows(study: optuna.Study, job: JobConfig) -> list[dict[str, Any]]:
     """Rows ``reference:<name>`` for the merges scored outside the space (state REFERENCE)."""
-    from evomerge.objectives import objective_values
-    from evomerge.references import PREFIX, stored_references
+    from evomerge.search.objectives import objective_values
+    from evomerge.search.references import PREFIX, stored_references
 
     rows = []
     for name, ref in stored_references(study).items():

@@ -7,8 +7,8 @@ flags) arrive packed in small float32 tensors, so a new candidate never recompil
 ``torch.compile`` builds one loop per kernel, K and dtype (seconds, once per process). Without a
 working compiler the same functions run eagerly (correct, slower, with full-size temporaries).
 
-The math is :func:`evomerge.merge_methods.gta_merge`'s, written for fusion; the Workspace tests
-check both against each other for every method.
+The math is :func:`evomerge.merge.merge_methods.gta_merge`'s, written for fusion; the Workspace
+tests check both against each other for every method.
 
 >>> import torch
 >>> out, base = torch.empty(3), torch.zeros(3)

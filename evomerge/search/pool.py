@@ -41,8 +41,8 @@ class WorkerPool:
     def __init__(
         self, job: JobConfig, *, address: str | None = None, worker_class: type | None = None
     ) -> None:
-        from evomerge.ray_cluster import start_ray
-        from evomerge.worker import MergeWorker, worker_actor_class
+        from evomerge.search.ray_cluster import start_ray
+        from evomerge.search.worker import MergeWorker, worker_actor_class
 
         self.job = job
         self._own_ray = start_ray(address or job.resources.address)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from evomerge import merge_methods as mm
-from evomerge import trimming
+from evomerge.merge import merge_methods as mm
+from evomerge.merge import trimming
 
 QUANTILES = 1024
 

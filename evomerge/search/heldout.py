@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import JobConfig
 from evomerge.recipe import Recipe
-from evomerge.study import json_metrics
+from evomerge.search.study import json_metrics
 
 PREFIX = "held_out:"
 
@@ -36,7 +36,7 @@ def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, 
     """Score the chosen trials not yet stored, or stored with an error, on the held-out split;
     store each as ``{"metrics"}`` (plus ``"nonfinite"``: the metrics stored as null) or
     ``{"error"}``, which a resumed run retries."""
-    from evomerge.worker import has_held_out
+    from evomerge.search.worker import has_held_out
 
     if job.search.held_out_top_k == 0 or not any(has_held_out(e) for e in job.evaluators):
         return {}

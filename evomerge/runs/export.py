@@ -66,14 +66,14 @@ def export_run(
     storage_url: str | None = None, study_name: str | None = None,
 ) -> list[Path]:
     """Export trials of the search in ``run`` (its folder or job YAML), or with ``run=None``
-    of study ``study_name`` in ``storage_url`` (:func:`evomerge.results.open_run`).
+    of study ``study_name`` in ``storage_url`` (:func:`evomerge.runs.results.open_run`).
 
     ``trial=N`` exports that trial, ``best`` (the default) the best one; either writes ``out``
     itself. ``pareto`` writes a folder ``out`` with ``trial-{N}.yaml`` (or ``trial-{N}/`` for
     ``hf``) per Pareto-optimal trial and ``index.csv`` with their scores. Returns the paths.
     """
-    from evomerge.heldout import stored_held_out
-    from evomerge.results import open_run
+    from evomerge.runs.results import open_run
+    from evomerge.search.heldout import stored_held_out
 
     _check_format(fmt)
     study, job = open_run(run, storage_url=storage_url, study_name=study_name)
@@ -102,7 +102,7 @@ def select_trials(study: Any, job: JobConfig, *, trial: int | None = None, best:
     """The trials to export; ValueError naming the valid choices when there are none."""
     from optuna.trial import TrialState
 
-    from evomerge.results import best_trials, pareto_front
+    from evomerge.runs.results import best_trials, pareto_front
 
     if sum([trial is not None, best, pareto]) > 1:
         raise ValueError("give only one of trial (--trial N), best (--best) or pareto (--pareto)")
@@ -194,7 +194,7 @@ def _write_one(recipe: AnyRecipe, path: Path, fmt: str, *, metrics: Mapping[str,
         header.append("Re-create the weights: evomerge merge THIS_FILE OUT/")
         path.write_text("".join(f"# {line}\n" for line in header) + recipe.to_yaml())
     elif fmt == "mergekit":
-        from evomerge.export_mergekit import export_mergekit_yaml
+        from evomerge.runs.export_mergekit import export_mergekit_yaml
 
         header.append("Run: mergekit-yaml THIS_FILE OUT/")
         path.write_text(export_mergekit_yaml(recipe, header=header))
@@ -206,9 +206,9 @@ def _write_one(recipe: AnyRecipe, path: Path, fmt: str, *, metrics: Mapping[str,
 def _write_hf(recipe: AnyRecipe, folder: Path, *, metrics: Mapping[str, Any] | None,
               held_out: Mapping[str, Any] | None, study_name: str | None, trial: int | None,
               load: LoadConfig | None) -> None:
-    from evomerge.export_mergekit import export_mergekit_yaml
-    from evomerge.model_card import RECIPE_FILE, model_card
-    from evomerge.workspace import merge_to_folder
+    from evomerge.merge.workspace import merge_to_folder
+    from evomerge.runs.export_mergekit import export_mergekit_yaml
+    from evomerge.runs.model_card import RECIPE_FILE, model_card
 
     merge_to_folder(recipe, folder, load=load)
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
@@ -339,8 +339,8 @@ def _protected(recipe: AnyRecipe) -> list[tuple[Path, str]]:
 
 def _run_protected(run: Path, job: JobConfig, storage_url: str | None) -> list[tuple[Path, str]]:
     """The run's files, source models and evaluator data: never replaced, most specific first."""
-    from evomerge.storage import LOCK_SUFFIX
-    from evomerge.storage import storage_url as resolve_url
+    from evomerge.search.storage import LOCK_SUFFIX
+    from evomerge.search.storage import storage_url as resolve_url
 
     run_dir = job.resolved_run_dir
     out = [(run / "job.yaml" if run.is_dir() else run, "the run's job config")]

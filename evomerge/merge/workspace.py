@@ -8,17 +8,17 @@ copy of its weights and, per tensor, the stacked task vectors ``theta_k - anchor
 sources, on ``load.device`` in the model's dtype. :meth:`Workspace.apply` merges from those (never
 from the live weights, so applying X, then Y, then X gives X's weights exactly) and writes the
 result into ``Workspace.model``; nothing touches disk. Each tensor is merged by one fused kernel
-(:mod:`evomerge.kernels`) that reads the base and the K task vectors once and writes the
-parameter: the cost of a candidate is about one pass over that memory. The method's spec picks
-the kernel (:meth:`Workspace._path`: weighted sum, trim or DARE for the linear and task-arithmetic
+(:mod:`evomerge.merge.kernels`) that reads the base and the K task vectors once and writes the
+parameter: the cost of a candidate is about one pass over that memory. The method's spec picks the
+kernel (:meth:`Workspace._path`: weighted sum, trim or DARE for the linear and task-arithmetic
 families); a method without a fused path runs its reference kernel on the models' tensors rebuilt
 from the task vectors (slerp, or a newly registered method). Trimming thresholds (TIES,
-breadcrumbs) and DARE masks come from caches built on first use (:mod:`evomerge.merge_cache`):
-sorted magnitudes per task vector (a threshold is a lookup) and DARE levels per task vector and
-seed, each kept only if it fits in ``cache_bytes`` (default: half the free memory of the device).
-DARE levels are drawn from generators seeded by (recipe seed, tensor name, model name) on the
-CPU, so a recipe is reproducible bit for bit. The result equals
-:func:`evomerge.merge.merge_state_dicts` to float32 rounding.
+breadcrumbs) and DARE masks come from caches built on first use
+(:mod:`evomerge.merge.merge_cache`): sorted magnitudes per task vector (a threshold is a lookup)
+and DARE levels per task vector and seed, each kept only if it fits in ``cache_bytes`` (default:
+half the free memory of the device). DARE levels are drawn from generators seeded by (recipe seed,
+tensor name, model name) on the CPU, so a recipe is reproducible bit for bit. The result equals
+:func:`evomerge.merge.reference.merge_state_dicts` to float32 rounding.
 
 >>> ws = Workspace({"base": "models/base", "a": "models/a"}, "base")  # doctest: +SKIP
 >>> model = ws.apply(recipe)                                         # doctest: +SKIP
@@ -34,18 +34,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evomerge import kernels, trimming
-from evomerge import merge_methods as mm
 from evomerge.config import LoadConfig
-from evomerge.loading import (
+from evomerge.merge import kernels, trimming
+from evomerge.merge import merge_methods as mm
+from evomerge.merge.loading import (
     check_compatible,
     check_same_vocab,
     load_model,
     load_tokenizer,
 )
-from evomerge.merge import MergePlan, keeps_base, plan_merge, tensor_params
-from evomerge.merge_cache import DareLevels, TrimTables, rescale_factors
-from evomerge.methods_spec import MethodSpec
+from evomerge.merge.merge_cache import DareLevels, TrimTables, rescale_factors
+from evomerge.merge.methods_spec import MethodSpec
+from evomerge.merge.reference import MergePlan, keeps_base, plan_merge, tensor_params
 from evomerge.recipe import AnyRecipe, Recipe, ps_recipe
 
 DEFAULT_LOAD = LoadConfig.model_validate({})
@@ -54,7 +54,7 @@ DEFAULT_LOAD = LoadConfig.model_validate({})
 class Workspace:
     """Sources loaded once; :meth:`apply` writes a recipe's merged weights into :attr:`model`.
 
-    ``cache_bytes`` caps each cache (:mod:`evomerge.merge_cache`): all sorted magnitudes for
+    ``cache_bytes`` caps each cache (:mod:`evomerge.merge.merge_cache`): all sorted magnitudes for
     TIES/breadcrumbs (``K x params`` entries in the model dtype; beyond the cap ~1024 quantiles
     per task vector, refined with an extra pass per threshold) and the DARE levels of one seed
     (``K x params x 2`` bytes; beyond the cap drawn anew per candidate). None: half the memory

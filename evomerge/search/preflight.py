@@ -1,10 +1,10 @@
 """Preflight: check a job's files, models and machine before Ray starts or anything is written.
 
-``evomerge validate`` and :func:`evomerge.driver.run_search` call :func:`preflight`. It reads
-``config.json`` files, safetensors headers and the evaluation JSONL, never weights, and raises
-:class:`ConfigError` naming the dotted key and the fix on one line: a missing or odd model folder,
-pickle-only weights, models whose tensors differ, ``layer_groups`` above the layer count, a hub
-id that cannot be fetched, missing or malformed data, a ``run_dir`` that cannot be created, a
+``evomerge validate`` and :func:`evomerge.search.driver.run_search` call :func:`preflight`. It
+reads ``config.json`` files, safetensors headers and the evaluation JSONL, never weights, and
+raises :class:`ConfigError` naming the dotted key and the fix on one line: a missing or odd model
+folder, pickle-only weights, models whose tensors differ, ``layer_groups`` above the layer count, a
+hub id that cannot be fetched, missing or malformed data, a ``run_dir`` that cannot be created, a
 device or GPU this machine lacks, an objective no evaluator produces.
 
 >>> notes = preflight(load_job("configs/quickstart.yaml"))  # doctest: +SKIP
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import DataEvalConfig, JobConfig
-from evomerge.loading import (
+from evomerge.merge.loading import (
     SAFETENSORS_INDEX,
     TOKENIZER_FILES,
     check_same_tensors,
@@ -49,7 +49,7 @@ def preflight(
     Model and data paths inside a ``toy_suite.dir`` that is not built yet are skipped (with a
     note): ``run_search`` builds the suite first, then calls this again.
     """
-    from evomerge.objectives import check_objectives
+    from evomerge.search.objectives import check_objectives
 
     try:
         check_objectives(job.objectives, job.evaluators)
@@ -308,7 +308,7 @@ def _check_layer_groups(job: JobConfig, config: dict[str, Any]) -> None:
 
 # -- evaluation data ---------------------------------------------------------------------------
 def _check_data(job: JobConfig, pending: Path | None) -> None:
-    from evomerge.worker import has_held_out
+    from evomerge.search.worker import has_held_out
 
     for i, ev in enumerate(job.evaluators):
         include = getattr(ev, "include_path", None)

@@ -26,7 +26,7 @@ def make_cmaes(
             f"cmaes start has parameters {sorted(x0)}, the space has {sorted(space)}"
         )
     if cfg.restarts:
-        from evomerge.cma_restarts import IpopCmaSampler
+        from evomerge.search.cma_restarts import IpopCmaSampler
 
         return IpopCmaSampler(
             space, sigma0=cfg.sigma0, popsize=cfg.popsize, separable=cfg.separable,

@@ -5,10 +5,10 @@ enqueued first. A failed evaluation or a dead worker fails that trial (``user_at
 and the search goes on. ``resume=True`` fails trials a dead driver left RUNNING and re-runs
 them, enqueues any baseline not enqueued yet, then continues to the budget. Any other exit of
 the loop (a stop, a failure streak, Ctrl-C) fails the trials in flight as interrupted and
-enqueues them again, so a resumed run re-runs them (the loop is :mod:`evomerge.loop`).
+enqueues them again, so a resumed run re-runs them (the loop is :mod:`evomerge.search.loop`).
 
 :class:`Search` is the search a caller drives (a service, a notebook): it reports
-:mod:`evomerge.progress` events to a callback and stops cleanly when asked;
+:mod:`evomerge.search.progress` events to a callback and stops cleanly when asked;
 :func:`run_search` runs one to its end with the progress bar.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import optuna
 
 from evomerge.config import JobConfig
-from evomerge.loop import Loop
-from evomerge.objectives import check_objectives
-from evomerge.pool import WorkerPool
-from evomerge.progress import (
+from evomerge.search.loop import Loop
+from evomerge.search.objectives import check_objectives
+from evomerge.search.pool import WorkerPool
+from evomerge.search.progress import (
     OnEvent,
     PhaseFinished,
     PhaseStarted,
@@ -32,8 +32,8 @@ from evomerge.progress import (
     Stopped,
     ignore,
 )
-from evomerge.samplers import make_sampler
-from evomerge.study import (
+from evomerge.search.samplers import make_sampler
+from evomerge.search.study import (
     close_study,
     closing,
     counted_trials,
@@ -62,7 +62,7 @@ def run_search(
     """Run (or resume) the job's search to its budget, with a progress bar unless
     ``progress=False``; return the study.
 
-    ``worker_class`` replaces :class:`evomerge.worker.MergeWorker` (same methods), e.g. the
+    ``worker_class`` replaces :class:`evomerge.search.worker.MergeWorker` (same methods), e.g. the
     simulated workers of ``bench/driver_overhead.py``.
     """
     search = Search(
@@ -81,8 +81,8 @@ class Search:
 
     :meth:`prepare` checks the job and opens the study (no Ray); :meth:`run` starts the
     workers, runs the ask/tell loop and the post-search phases, and passes each
-    :mod:`evomerge.progress` event to ``on_event``. :meth:`stop` (or setting ``stop``) ends the
-    run at its next tell: the trials in flight are failed as interrupted and enqueued again,
+    :mod:`evomerge.search.progress` event to ``on_event``. :meth:`stop` (or setting ``stop``) ends
+    the run at its next tell: the trials in flight are failed as interrupted and enqueued again,
     the phases left are skipped, and ``Search(job, resume=True).run()`` continues to the
     budget. Example::
 
@@ -127,7 +127,7 @@ class Search:
             from evomerge.toy.build import build_suite
 
             build_suite(job.toy_suite.dir, size=job.toy_suite.size)
-        from evomerge.preflight import preflight
+        from evomerge.search.preflight import preflight
 
         preflight(job, storage_url=self.storage_url, address=self.address)  # before any file
         study = open_study(
@@ -185,8 +185,8 @@ class Search:
         self, study: optuna.Study, emit: OnEvent, stopping: Callable[[], bool]
     ) -> str | None:
         """Start the workers, run each phase; the phase a stop skipped or cut short."""
-        from evomerge.heldout import held_out_phase
-        from evomerge.references import reference_phase
+        from evomerge.search.heldout import held_out_phase
+        from evomerge.search.references import reference_phase
 
         job, budget = self.job, self.job.search.trials
         with WorkerPool(job, address=self.address, worker_class=self.worker_class) as pool:

@@ -22,6 +22,7 @@ Optuna's CMA-ES).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -298,8 +299,15 @@ def _unpickle(blob: str, study: optuna.Study, number: int) -> RunState:
             f"writer put there; set {TRUST_PICKLED_ENV}=1 to load it if you trust everyone who "
             "can write to this storage (the next generation is then stored as JSON)"
         )
-    state = pickle.loads(bytes.fromhex(blob))
+    state = _OldPathUnpickler(io.BytesIO(bytes.fromhex(blob))).load()
     if not isinstance(state, RunState):
         raise TypeError(f"trial {number}'s {PICKLED_KEY!r} is a {type(state).__name__}, "
                         "not a CMA-ES RunState")
     return state
+
+
+class _OldPathUnpickler(pickle.Unpickler):
+    """Reads states pickled while this module was ``evomerge.cma_restarts`` (a flat package)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(__name__ if module == "evomerge.cma_restarts" else module, name)

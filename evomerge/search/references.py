@@ -16,7 +16,7 @@ import optuna
 
 from evomerge.config import JobConfig, ParameterSpaceConfig
 from evomerge.recipe import Recipe
-from evomerge.study import json_metrics
+from evomerge.search.study import json_metrics
 
 PREFIX = "reference:"
 
@@ -42,7 +42,7 @@ def reference_recipes(job: JobConfig) -> dict[str, Recipe]:
 def reference_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[str, dict[str, Any]]:
     """Score the reference recipes not yet stored, or stored with an error (a resumed run
     retries those); ``"nonfinite"`` lists the metrics stored as null."""
-    from evomerge.worker import has_held_out
+    from evomerge.search.worker import has_held_out
 
     if job.search.held_out_top_k == 0:
         return {}

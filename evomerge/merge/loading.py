@@ -118,7 +118,7 @@ def load_model(name: str, source: str, *, load: LoadConfig) -> Any:
     """Load model ``name`` from ``source`` in ``load.dtype`` on ``load.device``, in eval mode."""
     import transformers
 
-    from evomerge.merge import DTYPES
+    from evomerge.merge.reference import DTYPES
 
     location, revision, local = locate(name, source)
     if local:

@@ -1,9 +1,8 @@
 """The pure reference merge: a recipe applied to whole state dicts, one tensor at a time.
 
-:func:`plan_merge` validates a recipe against the models at hand and :func:`tensor_params`
-resolves every method parameter for one tensor; the in-place :class:`evomerge.workspace.Workspace`
+:func:`plan_merge` validates a recipe against the models at hand and :func:`tensor_params` resolves
+every method parameter for one tensor; the in-place :class:`evomerge.merge.workspace.Workspace`
 uses both, so the two paths agree by construction on everything but the arithmetic they share.
-
 >>> import torch
 >>> from evomerge.recipe import Recipe
 >>> sds = {"base": {"w": torch.zeros(2)}, "x": {"w": torch.ones(2)}}
@@ -23,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evomerge.coefficients import layer_index, resolve
-from evomerge.methods_spec import KERNEL_ARG, METHODS, MethodSpec
+from evomerge.merge.coefficients import layer_index, resolve
+from evomerge.merge.methods_spec import KERNEL_ARG, METHODS, MethodSpec
 from evomerge.recipe import Recipe, ps_recipe
 
 
@@ -146,7 +145,7 @@ def merge_state_dicts(
     Tensor names follow the base (or the first merged model); non-floating tensors are copied.
     The output dtype is ``recipe.dtype`` if set, else the inputs' dtype.
     """
-    from evomerge.merge_methods import dare_generator
+    from evomerge.merge.merge_methods import dare_generator
 
     plan = plan_merge(recipe, available=list(state_dicts))
     ref = state_dicts[plan.base or plan.models[0]]

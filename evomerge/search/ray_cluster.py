@@ -77,7 +77,7 @@ def _without_token_notice() -> Iterator[None]:
 
 
 def _start_watchdog(roots: list[int]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "evomerge.ray_cluster", str(os.getpid()), *map(str, roots)]
+    cmd = [sys.executable, "-m", "evomerge.search.ray_cluster", str(os.getpid()), *map(str, roots)]
     return subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from evomerge.coefficients import layer_group, layer_index
 from evomerge.config import AdaMergingConfig, LoadConfig
 from evomerge.evaluators.entropy import (
     Positions,
@@ -41,6 +40,7 @@ from evomerge.evaluators.entropy import (
     right_pad,
     scored_batch,
 )
+from evomerge.merge.coefficients import layer_group, layer_index
 from evomerge.recipe import Recipe
 
 
@@ -79,7 +79,7 @@ def task_vectors(
 ) -> TaskVectors:
     """``tau_k = theta_k - theta_0`` in float32 for every floating tensor of ``base``, TIES-
     trimmed to ``density`` per tensor and expert if ``ties`` (the merge engine's own trimming)."""
-    from evomerge.merge_methods import sparsify
+    from evomerge.merge.merge_methods import sparsify
 
     groups = num_layers if layer_wise else 1
     names = [n for n, t in base.items() if t.is_floating_point()]
@@ -158,7 +158,7 @@ def load_models(
 ) -> tuple[Any, Any, dict[str, dict[str, Tensor]]]:
     """The base model (float32, eval, frozen), its tokenizer and each expert's parameters,
     checked to share the base's architecture and tensor shapes."""
-    from evomerge.loading import check_compatible, load_model, load_tokenizer
+    from evomerge.merge.loading import check_compatible, load_model, load_tokenizer
 
     load = LoadConfig(dtype="float32", device=device)
     model = load_model("base", base, load=load).requires_grad_(False)
@@ -295,7 +295,7 @@ def run_adamerging(job: Any, *, progress: bool = True) -> AdaMergingResult:
     import sys
 
     from evomerge.evaluators.base import build_evaluator
-    from evomerge.worker import has_held_out
+    from evomerge.search.worker import has_held_out
 
     if job.models.base is None:
         raise ValueError("adamerging merges task vectors: set models.base")

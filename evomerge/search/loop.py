@@ -1,4 +1,4 @@
-"""The ask/tell loop over a :class:`~evomerge.pool.WorkerPool` (driver side).
+"""The ask/tell loop over a :class:`~evomerge.search.pool.WorkerPool` (driver side).
 
 Ask as many trials as there are idle workers, tell each result as it arrives, promote or prune
 by rung under multi-fidelity. Every exit of the loop (the budget met, a stop, a failure streak,
@@ -16,12 +16,12 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.config import JobConfig
-from evomerge.fidelity import promote_multi, rung_step
-from evomerge.objectives import objective_values
-from evomerge.pool import WorkerPool
-from evomerge.progress import OnEvent, Tracker, ignore
 from evomerge.recipe import Recipe
-from evomerge.study import counted_trials, fail_interrupted, json_metrics, requeue
+from evomerge.search.fidelity import promote_multi, rung_step
+from evomerge.search.objectives import objective_values
+from evomerge.search.pool import WorkerPool
+from evomerge.search.progress import OnEvent, Tracker, ignore
+from evomerge.search.study import counted_trials, fail_interrupted, json_metrics, requeue
 
 STOP_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
 
@@ -37,7 +37,8 @@ class Candidate:
 
 class Loop:
     """The ask/tell loop over a :class:`WorkerPool`: ``on_event`` gets a
-    :class:`~evomerge.progress.TrialFinished` per tell; ``stop`` is checked between tells."""
+    :class:`~evomerge.search.progress.TrialFinished` per tell; ``stop`` is checked between
+    tells."""
 
     def __init__(
         self,

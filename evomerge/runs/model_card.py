@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from evomerge import __version__
-from evomerge.export_mergekit import DARE_NOTE
-from evomerge.merge import DARE
+from evomerge.merge.reference import DARE
 from evomerge.recipe import AnyRecipe, Recipe
+from evomerge.runs.export_mergekit import DARE_NOTE
 
 RECIPE_FILE = "evomerge_recipe.yaml"
 

@@ -8,7 +8,7 @@ Arithmetic runs in float32 and the result has the input dtype.
 
 The task-arithmetic family (``task_arithmetic``, ``ties``, ``dare_*``, ``breadcrumbs``) is
 mergekit's *generalized task arithmetic*, one kernel, :func:`gta`, configured by each method's
-spec (:mod:`evomerge.methods_spec`: its ``sparsifier`` and ``consensus``): sparsify each task
+spec (:mod:`evomerge.merge.methods_spec`: its ``sparsifier`` and ``consensus``): sparsify each task
 vector ``tau_k = theta_k - base``, scale it by its ``weight``, optionally keep only entries that
 agree with the elected sign (``consensus``), sum, divide by the summed weights if ``normalize``,
 multiply by ``lambda`` and add to the base. ``rescale`` (default on for DARE) rescales a
@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from evomerge.methods_spec import METHODS
-from evomerge.trimming import Kth, sorted_kth, trim_mask
+from evomerge.merge.methods_spec import METHODS
+from evomerge.merge.trimming import Kth, sorted_kth, trim_mask
 
 RESCALE_EPS = 1e-7
 
