@@ -22,6 +22,7 @@ from evomerge.cli import main
 from evomerge.search.storage import DiskFullError, DriverJournalFile, close_storage, open_storage
 from tests.test_resume import load
 from tests.test_search import job_dict
+from tests.test_storage import finished_run
 
 
 @contextlib.contextmanager
@@ -90,14 +91,7 @@ def test_partial_append_on_a_full_file_system_is_cut_back(tmp_path):
 
 
 def test_cli_says_disk_full_in_one_line_and_exits_2(tmp_path, capsys):
-    run = tmp_path / "run"
-    data = job_dict({"dir": tmp_path / "models", "expert_tasks": ["a", "b"]}, run)
-    run.mkdir()
-    (run / "job.yaml").write_text(yaml.safe_dump(data))
-    storage = open_storage(None, run, writer=True)
-    study = optuna.create_study(study_name=data["name"], storage=storage)
-    study.add_trial(optuna.trial.create_trial(value=1.0, user_attrs={"metrics": {"m": 1.0}}))
-    close_storage(storage)
+    run, _ = finished_run(tmp_path)
     assert main(["results", str(run), "--csv", "/dev/full"]) == 2  # a real ENOSPC from pandas
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("evomerge results: error: the disk is full")
