@@ -151,7 +151,7 @@ def _validate(args: argparse.Namespace) -> int:
     from evomerge.search.preflight import preflight
 
     job = load_job(args.job)
-    for note in preflight(job, address=args.address):
+    for note in preflight(job, address=args.address, search=False):
         print(f"evomerge validate: note: {note}", file=sys.stderr)
     print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False), end="")
     return 0

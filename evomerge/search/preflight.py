@@ -34,6 +34,11 @@ from evomerge.strict import ConfigError
 HUB_TIMEOUT_S = 10.0
 
 
+class MachineError(ConfigError):
+    """A problem of this machine, not of the job (no GPU, offline, too few CPUs): it refuses a
+    search whose workers run here, and is a note for ``validate`` or a cluster."""
+
+
 @dataclass
 class ModelInfo:
     key: str
@@ -42,12 +47,15 @@ class ModelInfo:
 
 
 def preflight(
-    job: JobConfig, *, storage_url: str | None = None, address: str | None = None
+    job: JobConfig, *, storage_url: str | None = None, address: str | None = None,
+    search: bool = True,
 ) -> list[str]:
     """Refuse the job with one :class:`ConfigError` line, or return notes on skipped checks.
 
     Model and data paths inside a ``toy_suite.dir`` that is not built yet are skipped (with a
-    note): ``run_search`` builds the suite first, then calls this again.
+    note): ``run_search`` builds the suite first, then calls this again. Problems of this
+    machine (:class:`MachineError`) refuse a ``search`` whose workers run here (no cluster
+    ``address``); for ``validate`` (``search=False``) or on a cluster they are notes.
     """
     from evomerge.search.objectives import check_objectives
 
@@ -55,18 +63,32 @@ def preflight(
         check_objectives(job.objectives, job.evaluators)
     except ValueError as err:
         raise ConfigError(f"{err}; fix the metric name or add the evaluator") from None
+    local = not (address or job.resources.address or os.environ.get("RAY_ADDRESS"))
+    notes: list[str] = []
+    strict = search and local
     pending = _pending_toy_suite(job)
     _check_storage(job, storage_url)
-    if not (address or job.resources.address or os.environ.get("RAY_ADDRESS")):
-        _check_machine(job)  # on a cluster the workers run elsewhere
-    _check_agreement(job, _check_models(job, pending))
+    if local or not search:  # a search on a cluster: its workers run elsewhere
+        _machine_check(notes, strict, _check_machine, job)
+    _check_agreement(job, _check_models(job, pending, notes, strict))
     _check_data(job, pending)
-    if pending is None:
-        return []
-    return [
-        f"toy_suite.dir {job.toy_suite.dir!r} is not built yet, so the models and data in it "  # type: ignore[union-attr]
-        "were not checked; `evomerge search` builds it, then checks them"
-    ]
+    if pending is not None:
+        notes.append(
+            f"toy_suite.dir {job.toy_suite.dir!r} is not built yet, so the models and data in "  # type: ignore[union-attr]
+            "it were not checked; `evomerge search` builds it, then checks them"
+        )
+    return notes
+
+
+def _machine_check(notes: list[str], strict: bool, check: Any, *args: Any) -> Any:
+    """``check(*args)``; a :class:`MachineError` is raised when ``strict``, else noted."""
+    try:
+        return check(*args)
+    except MachineError as err:
+        if strict:
+            raise
+        notes.append(f"{err} (on this machine; fine where the workers have it)")
+        return None
 
 
 def _pending_toy_suite(job: JobConfig) -> Path | None:
@@ -121,7 +143,7 @@ def _check_machine(job: JobConfig) -> None:
         index = int(device.partition(":")[2] or 0)
         if index >= count:
             have = f"has {count} CUDA device(s)" if count else "has no CUDA device"
-            raise ConfigError(
+            raise MachineError(
                 f"load.device: {device!r} but this machine {have} "
                 "(torch.cuda.is_available() is False or the index is too high); use "
                 "device: cpu, or run where the GPU is"
@@ -130,7 +152,7 @@ def _check_machine(job: JobConfig) -> None:
         import torch
 
         if not torch.backends.mps.is_available():
-            raise ConfigError("load.device: 'mps' is not available here; use device: cpu")
+            raise MachineError("load.device: 'mps' is not available here; use device: cpu")
     if not _ray_running():
         _check_local_resources(job)
 
@@ -148,14 +170,14 @@ def _check_local_resources(job: JobConfig) -> None:
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if res.num_gpus * res.workers > gpus:
-            raise ConfigError(
+            raise MachineError(
                 f"resources.num_gpus: {res.workers} worker(s) x {res.num_gpus:g} GPU need "
                 f"{res.num_gpus * res.workers:g} GPU(s) but this machine has {gpus}; lower "
                 "num_gpus or workers, or pass --address of a cluster"
             )
     cpus = os.cpu_count() or 1
     if res.num_cpus * res.workers > cpus:
-        raise ConfigError(
+        raise MachineError(
             f"resources.num_cpus: {res.workers} worker(s) x {res.num_cpus:g} CPU need "
             f"{res.num_cpus * res.workers:g} CPUs but this machine has {cpus}; lower num_cpus "
             "or workers, or pass --address of a cluster"
@@ -167,7 +189,8 @@ def _model_key(name: str) -> str:
     return "models.base.path" if name == "base" else f"models.experts.{name}.path"
 
 
-def _check_models(job: JobConfig, pending: Path | None) -> dict[str, ModelInfo]:
+def _check_models(job: JobConfig, pending: Path | None, notes: list[str],
+                  strict: bool) -> dict[str, ModelInfo]:
     infos: dict[str, ModelInfo] = {}
     for name, source in job.models.sources().items():
         key = _model_key(name)
@@ -181,7 +204,7 @@ def _check_models(job: JobConfig, pending: Path | None) -> dict[str, ModelInfo]:
         info = (
             _local_model(key, name, Path(where), allow_pickle=job.load.allow_pickle)
             if local
-            else _hub_model(key, where, revision)
+            else _machine_check(notes, strict, _hub_model, key, where, revision)
         )
         if info is not None:
             infos[name] = info
@@ -229,7 +252,7 @@ def _hub_model(key: str, repo: str, revision: str | None) -> ModelInfo | None:
         return ModelInfo(key, _read_json(key, Path(cached)), None)
     at = f" at revision {revision!r}" if revision else ""
     if _hub_offline(constants):
-        raise ConfigError(
+        raise MachineError(
             f"{key}: {repo!r} is no local folder, and as a hub model{at} it is not in the "
             f"local Hugging Face cache while HF_HUB_OFFLINE is set; download it first "
             f"(huggingface-cli download {repo}) or give a local folder"
@@ -259,7 +282,7 @@ def _ask_hub(key: str, repo: str, revision: str | None, at: str) -> None:
             "login); fix the id or give a local folder"
         ) from None
     except Exception as err:  # no network, DNS, timeout, proxy: all mean "cannot fetch it"
-        raise ConfigError(
+        raise MachineError(
             f"{key}: cannot reach the Hugging Face hub for {repo!r}{at} "
             f"({type(err).__name__}); check the network, or download it and set "
             "HF_HUB_OFFLINE=1"
