@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from evomerge.evaluators.base import default_label, effective_limit, read_jsonl, resolve_data
+from evomerge.evaluators.rows import row_kind
 
 NORMALIZERS = {
     "none": lambda s: s,
@@ -35,7 +36,7 @@ class AccuracyEvaluator:
         self.cfg = cfg
         self.path = resolve_data(cfg.data, split or cfg.split)
         self.rows = read_jsonl(self.path, required=("prompt",))
-        self.kind = _row_kind(self.rows, self.path)
+        self.kind = row_kind(self.rows, self.path)
         self.num_examples = len(self.rows)
         self.metric = f"accuracy/{cfg.label or default_label(cfg.data)}"
 
@@ -60,33 +61,6 @@ class AccuracyEvaluator:
                     for pick, r in zip(picks, rows, strict=True)
                 ]
         return {self.metric: sum(hits) / len(hits)}
-
-
-def _row_kind(rows: list[dict[str, Any]], path: Any) -> str:
-    kind = "choices" if "choices" in rows[0] else "generate"
-    need = ("choices", "label") if kind == "choices" else ("answer",)
-    for lineno, row in enumerate(rows, start=1):
-        missing = [k for k in need if k not in row]
-        if missing:
-            raise ValueError(
-                f"{path}: row {lineno} lacks {missing}; every row must be {{prompt, answer}} "
-                f"or every row {{prompt, choices, label}} (row 1 is {kind!r})"
-            )
-        if kind == "choices":
-            _check_choices(row, path, lineno)
-    return kind
-
-
-def _check_choices(row: dict[str, Any], path: Any, lineno: int) -> None:
-    choices, label = row["choices"], row["label"]
-    if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
-        raise ValueError(f"{path}: row {lineno}: 'choices' must be a non-empty list of strings")
-    ok = (isinstance(label, int) and 0 <= label < len(choices)) or label in choices
-    if isinstance(label, bool) or not ok:
-        raise ValueError(
-            f"{path}: row {lineno}: label {label!r} is neither an index into the "
-            f"{len(choices)} choices nor one of them"
-        )
 
 
 def _label_index(row: dict[str, Any]) -> int:

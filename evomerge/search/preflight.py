@@ -358,8 +358,12 @@ def _check_split(key: str, ev: DataEvalConfig, split: str) -> None:
     except (ValueError, UnicodeDecodeError) as err:
         raise ConfigError(f"{key}: {err}; fix that line of the file") from None
     if ev.name == "accuracy":
-        need = ("choices", "label") if "choices" in rows[0] else ("answer",)
-        _check_rows(key, path, rows, need)
+        from evomerge.evaluators.rows import row_kind
+
+        try:
+            row_kind(rows, path)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
     elif ev.name == "perplexity" and getattr(ev, "field", None) == "text":
         for lineno, row in enumerate(rows, start=1):
             if "text" not in row and not {"prompt", "answer"} <= set(row):
@@ -376,13 +380,3 @@ def _required(ev: DataEvalConfig) -> tuple[str, ...]:
     if ev.name == "perplexity" and field == "text":
         return ()  # the toy data's prompt + answer also make a text (evaluators.text)
     return (field,)
-
-
-def _check_rows(key: str, path: Path, rows: list[dict[str, Any]], need: tuple[str, ...]) -> None:
-    for lineno, row in enumerate(rows, start=1):
-        missing = [k for k in need if k not in row]
-        if missing:
-            raise ConfigError(
-                f"{key}: {path}: row {lineno} lacks {missing}; every row needs "
-                f"{', '.join(need)} like row 1"
-            )
