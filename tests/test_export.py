@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from evomerge import cli
 from evomerge.merge.reference import merge_state_dicts
 from evomerge.recipe import DFSPath, Recipe
-from evomerge.runs.export import _atomic, export_recipe, export_run
+from evomerge.runs.export import export_recipe, export_run
 from evomerge.runs.export_mergekit import mergekit_config, mergekit_yaml
+from evomerge.runs.guard import atomic
 from evomerge.runs.model_card import RECIPE_FILE
 
 NUM_LAYERS = 4  # tests/conftest.py TINY
@@ -398,14 +399,14 @@ def test_failed_pareto_hf_export_leaves_nothing(tiny_models, tmp_path):
 def test_atomic_write_is_hidden_until_done(tmp_path):
     out = tmp_path / "model"
     with pytest.raises(RuntimeError, match="interrupted"):
-        with _atomic(out, force=False) as tmp:
+        with atomic(out, force=False) as tmp:
             tmp.mkdir()
             (tmp / "config.json").write_text("{}")
             assert tmp.parent == tmp_path and tmp.name.startswith(".model.partial-")
             assert not out.exists()
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
-    with _atomic(out, force=False) as tmp:
+    with atomic(out, force=False) as tmp:
         tmp.mkdir()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 

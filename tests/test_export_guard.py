@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 
 from evomerge import cli
 from evomerge.recipe import Recipe
-from evomerge.runs.export import MARKER, export_recipe
+from evomerge.runs.export import export_recipe
+from evomerge.runs.guard import MARKER
 from tests.test_export import _recipe, make_run
 
 
