@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import errno
 
         if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # a full disk
-            from evomerge.search.storage import DiskFullError
+            from evomerge.search.journal import DiskFullError
 
             search = args.command == "search"
             then = f"run `evomerge search {args.job} --resume`" if search else "run it again"

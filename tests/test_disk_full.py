@@ -19,7 +19,8 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.cli import main
-from evomerge.search.storage import DiskFullError, DriverJournalFile, close_storage, open_storage
+from evomerge.search.journal import DiskFullError, DriverJournalFile
+from evomerge.search.storage import close_storage, open_storage
 from tests.test_resume import load
 from tests.test_search import job_dict
 from tests.test_storage import finished_run

@@ -16,8 +16,9 @@ from evomerge.cli import main
 from evomerge.config import parse_job
 from evomerge.runs.results import open_run, open_study_run, results_frame
 from evomerge.search.driver import Search, run_search
+from evomerge.search.journal import JournalLockedError
 from evomerge.search.progress import PhaseStarted, Stopped, TrialFinished
-from evomerge.search.storage import JournalLockedError, save_job
+from evomerge.search.storage import save_job
 from evomerge.search.study import INTERRUPTED, counted_trials
 from evomerge.search.worker import MergeWorker
 from tests.test_search import job_dict

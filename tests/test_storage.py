@@ -17,12 +17,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from evomerge.search.storage import (
-    DriverJournalFile,
-    JournalLockedError,
-    close_storage,
-    open_storage,
-)
+from evomerge.search.journal import DriverJournalFile, JournalLockedError
+from evomerge.search.storage import close_storage, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 DISTS = {

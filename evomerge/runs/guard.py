@@ -106,7 +106,7 @@ def source_paths(recipe: AnyRecipe) -> list[tuple[Path, str]]:
 
 def run_paths(run: Path, job: JobConfig, storage_url: str | None) -> list[tuple[Path, str]]:
     """The run's files, source models and evaluator data: never replaced, most specific first."""
-    from evomerge.search.storage import LOCK_SUFFIX
+    from evomerge.search.journal import LOCK_SUFFIX
     from evomerge.search.storage import storage_url as resolve_url
 
     run_dir = job.resolved_run_dir

@@ -12,8 +12,8 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.config import JobConfig
+from evomerge.search.journal import DiskFullError
 from evomerge.search.storage import (
-    DiskFullError,
     close_storage,
     open_storage,
     save_job,
@@ -39,7 +39,7 @@ def open_study(
     """Create the study, or load it with ``resume``; refuse to silently mix two runs.
 
     A journal file is opened for writing by this process alone (a second driver on the same
-    run fails with :class:`evomerge.search.storage.JournalLockedError`) until :func:`close_study`;
+    run fails with :class:`evomerge.search.journal.JournalLockedError`) until :func:`close_study`;
     ``fsync`` fsyncs every journal append.
     """
     storage = open_storage(
