@@ -17,17 +17,14 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from evomerge.config import CmaesConfig, ConfigError, parse_job
-from evomerge.search.cma_restarts import (
-    GEN_KEY,
+from evomerge.search.cma_restarts import GEN_KEY, IpopCmaSampler, from_unit, to_unit
+from evomerge.search.cma_state import (
     PICKLED_KEY,
     STATE_KEY,
     TRUST_PICKLED_ENV,
-    IpopCmaSampler,
     RunState,
-    from_unit,
     optimizer_state,
     set_optimizer_state,
-    to_unit,
 )
 from evomerge.search.samplers import make_cmaes
 
@@ -257,9 +254,10 @@ def _sample_space(study: optuna.Study, objective, n: int) -> None:
 @contextlib.contextmanager
 def _old_module_path() -> Iterator[None]:
     """Pickle ``RunState`` as ``evomerge.cma_restarts.RunState``, its path before issue 11."""
+    home = sys.modules[RunState.__module__]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(RunState, "__module__", "evomerge.cma_restarts")
-        mp.setitem(sys.modules, "evomerge.cma_restarts", sys.modules[IpopCmaSampler.__module__])
+        mp.setitem(sys.modules, "evomerge.cma_restarts", home)
         yield
 
 
