@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A job config that cannot be used; the message names the key and the fix, on one line."""
 
 
+class MachineError(ConfigError):
+    """A problem of this machine, not of the job (no GPU, offline, too few CPUs): it refuses a
+    search whose workers run here, and is a note for ``validate`` or a cluster."""
+
+
 class KeyedValueError(ValueError):
     """Raised by a model validator about one of the model's keys: the error's dotted key is
     the model's own plus ``key`` (``search.space`` + ``bounds.density.high``)."""
