@@ -40,6 +40,54 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(cfg).eval(), tok
 
 
+ARCHS = ("llama_gqa", "qwen2_tied", "gpt_neox")
+"""Tiny architectures of :func:`make_tiny_arch`: Llama with grouped-query attention, Qwen2 with
+tied embeddings (and q/k/v biases), GPT-NeoX (fused ``attention.query_key_value``)."""
+
+
+def make_tiny_arch(arch: str, seed: int = 0):
+    """A random tiny model of ``arch`` (one of :data:`ARCHS`) and the toy tokenizer."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if arch == "llama_gqa":
+        return make_tiny_llama(seed=seed)
+    from evomerge.toy.tokenizer import make_tokenizer
+
+    tok = make_tokenizer()
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "qwen2_tied":
+        cfg = Qwen2Config(**ids, **{**TINY, "tie_word_embeddings": True})
+        cls = Qwen2ForCausalLM
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(**ids, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                            num_attention_heads=4, max_position_embeddings=64,
+                            tie_word_embeddings=False)
+        cls = GPTNeoXForCausalLM
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; one of {ARCHS}")
+    torch.manual_seed(seed)
+    return cls(cfg).eval(), tok
+
+
+def save_family(root: Path, arch: str, names=("a", "b", "c"), scale: float = 0.02) -> dict:
+    """``root/base`` (a random tiny ``arch``) and perturbed copies ``root/<name>``; returns
+    name -> folder."""
+    base, tok = make_tiny_arch(arch, seed=0)
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"])
+    tok.save_pretrained(paths["base"])
+    for i, name in enumerate(names, start=1):
+        paths[name] = root / name
+        m = perturbed(base, seed=i, scale=scale)
+        if getattr(m.config, "tie_word_embeddings", False):
+            m.tie_weights()
+        m.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    return paths
+
+
 def perturbed(model, seed: int, scale: float = 0.02):
     """A copy of ``model`` with a seeded random delta on every tensor (a fake fine-tune)."""
     import copy
@@ -68,6 +116,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         m.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     return paths
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch_models(request, tmp_path_factory) -> tuple[str, dict[str, Path]]:
+    """``(arch, {"base", "a", "b", "c": folder})`` for every tiny architecture in
+    :data:`ARCHS` (tests using it run once per architecture)."""
+    return request.param, save_family(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def pytest_collection_modifyitems(config, items):
