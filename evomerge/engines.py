@@ -5,18 +5,19 @@ An engine turns a recipe of its kind into a model in memory: ``engine.apply(reci
 (:meth:`EngineFactory.from_job`); ``evomerge merge`` and ``export --format hf`` build one from
 the recipe alone (:meth:`EngineFactory.from_recipe`). Evaluators see only the model and the
 tokenizer. :data:`ENGINES` maps a kind to its factory as a lazy ``"module:attr"`` string; a kind
-with no engine (``dfs`` in this version) is refused with a ValueError, never merged as another
-kind.
+with no engine is refused with a ValueError, never merged as another kind.
 
 The ps engine is the :class:`~evomerge.merge.workspace.Workspace` (models loaded once, each recipe
-merged in place into one live model), adapted by :class:`PSEngine`.
+merged in place into one live model), adapted by :class:`PSEngine`. The dfs engine is
+:class:`evomerge.dfs.engine.DFSEngine` (source models loaded once, each recipe run as a path over
+their layers, no weight copies).
 
 >>> ENGINES.names()
-['ps']
->>> engine_factory("dfs")  # doctest: +ELLIPSIS
+['dfs', 'ps']
+>>> engine_factory("moe")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-ValueError: recipe kind 'dfs' has no engine in this version (engines: ps); a dfs recipe can ...
+ValueError: recipe kind 'moe' has no engine in this version (engines: dfs, ps); a moe recipe ...
 >>> engine = engine_for(recipe)                # doctest: +SKIP
 >>> model, tokenizer = engine.apply(recipe)     # doctest: +SKIP
 """
@@ -58,6 +59,7 @@ class EngineFactory(Protocol):
 
 ENGINES = Registry("recipe engine")
 ENGINES.register("ps", "evomerge.engines:PSEngine")
+ENGINES.register("dfs", "evomerge.dfs.engine:DFSEngine")
 
 
 def no_engine_message(kind: str) -> str:

@@ -1,5 +1,6 @@
 """The Engine seam: a worker and `evomerge merge` reach the merge code only through the engine of
-the recipe's kind; a kind with no engine (dfs) is refused everywhere, never merged as ps."""
+the recipe's kind (ps: the Workspace, dfs: the path engine); a kind with no engine is refused,
+never merged as another kind."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from evomerge.runs.export import export_recipe
 from evomerge.runs.export_mergekit import export_mergekit_yaml, mergekit_config
 from evomerge.search.worker import MergeWorker
 
-NO_ENGINE = "recipe kind 'dfs' has no engine in this version"
+REAL_DFS = "evomerge.dfs.engine:DFSEngine"
 
 
 def ps_recipe(paths) -> Recipe:
@@ -56,20 +57,25 @@ def test_worker_merges_ps_through_its_engine(worker, tiny_models):
         assert torch.equal(model.state_dict()[name], tensor)
 
 
-@pytest.mark.parametrize("kind", ["dfs", "legacy ps with a dfs path"])
-def test_worker_refuses_a_dfs_recipe_and_merges_nothing(worker, tiny_models, kind):
+def test_worker_runs_a_dfs_recipe_through_the_dfs_engine(worker, tiny_models):
     worker.evaluate(ps_recipe(tiny_models).to_json())
     before = weights(worker.engines["ps"].workspace.model)
-    if kind == "dfs":
-        recipe, message = dfs_recipe(tiny_models), NO_ENGINE
-    else:  # before kinds, a 'dfs' path on a ps recipe was merged as the plain linear merge
-        recipe = Recipe(method="linear", sources={"a": str(tiny_models["a"])},
-                        models={"a": {"weight": 1.0}},
-                        dfs={"layers": [["a", 0]], "scales": [1.0], "embed_from": "a"})
-        message = "carries a data-flow path"
-    with pytest.raises(ValueError, match=message):
+    out = worker.evaluate(dfs_recipe(tiny_models).to_json())
+    assert out["metrics"]["cost/layers"] == 3.0  # the path's length, not the sources' depth
+    assert set(worker.engines) == {"ps", "dfs"}
+    after = worker.engines["ps"].workspace.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the ps model untouched
+
+
+def test_worker_refuses_a_legacy_dfs_path_and_merges_nothing(worker, tiny_models):
+    worker.evaluate(ps_recipe(tiny_models).to_json())
+    before = weights(worker.engines["ps"].workspace.model)
+    # before kinds, a 'dfs' path on a ps recipe was merged as the plain linear merge
+    recipe = Recipe(method="linear", sources={"a": str(tiny_models["a"])},
+                    models={"a": {"weight": 1.0}},
+                    dfs={"layers": [["a", 0]], "scales": [1.0], "embed_from": "a"})
+    with pytest.raises(ValueError, match="carries a data-flow path"):
         worker.evaluate(recipe.to_json())
-    assert set(worker.engines) == {"ps"}
     after = worker.engines["ps"].workspace.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
@@ -108,7 +114,8 @@ def toy_engine():
     for kind in ("toy", "dfs"):
         if kind in ENGINES:
             ENGINES.unregister(kind)
-    assert ENGINES.names() == ["ps"]
+    ENGINES.register("dfs", REAL_DFS)
+    assert ENGINES.names() == ["dfs", "ps"]
 
 
 def test_a_registered_engine_is_dispatched_to_by_kind(toy_engine, tiny_models, worker):
@@ -135,42 +142,25 @@ def test_a_registered_engine_is_dispatched_to_by_kind(toy_engine, tiny_models, w
 
 
 def test_the_worker_evaluates_what_the_kinds_engine_returns(toy_engine, tiny_models, worker):
-    ENGINES.register("dfs", toy_engine)  # a stand-in DFS engine
+    ENGINES.unregister("dfs")
+    ENGINES.register("dfs", toy_engine)  # a stand-in for the kind's engine
+    worker.engines.pop("dfs", None)
     recipe = dfs_recipe(tiny_models)
     try:
         out = worker.evaluate(recipe.to_json())
     finally:
         worker.engines.pop("dfs", None)
     assert toy_engine.applied == [recipe] and out["metrics"]["cost/layers"] == 4.0
-    assert set(worker.engines) == {"ps"}
 
 
-def test_hf_export_goes_through_the_engine_of_the_kind(toy_engine, tiny_models, tmp_path):
-    from evomerge.runs.model_card import RECIPE_FILE
+def test_evomerge_merge_writes_a_dfs_recipe_as_a_plain_model(tiny_models, tmp_path):
+    from transformers import AutoConfig
 
-    ENGINES.register("dfs", toy_engine)  # a stand-in DFS engine
-    recipe = dfs_recipe(tiny_models)
-    out = export_recipe(recipe, tmp_path / "hf", "hf")
-    assert toy_engine.built == ["recipe"] and toy_engine.applied == [recipe]
-    assert Recipe.from_yaml((out / RECIPE_FILE).read_text()) == recipe
-    card = (out / "README.md").read_text()
-    assert "a data-flow path of 3 layers" in card and "| b | layers | " in card
-    assert "| a | layers and embeddings, norm, head |" in card
-    assert "No mergekit config: a mergekit export takes ps recipes only, not kind 'dfs'" in card
-
-
-def test_evomerge_merge_refuses_a_dfs_recipe(tiny_models, tmp_path, capsys):
     path = tmp_path / "dfs.yaml"
     path.write_text(dfs_recipe(tiny_models).to_yaml())
-    assert cli.main(["merge", str(path), str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"evomerge merge: error: {NO_ENGINE}") and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match=NO_ENGINE):
-        export_recipe(dfs_recipe(tiny_models), tmp_path / "hf", "hf")
-    with pytest.raises(ValueError, match=NO_ENGINE):
-        merge_to_folder(dfs_recipe(tiny_models), tmp_path / "hf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dfs.yaml"]
+    assert cli.main(["merge", str(path), str(tmp_path / "out")]) == 0
+    assert AutoConfig.from_pretrained(tmp_path / "out").num_hidden_layers == 3
+    assert cli.main(["merge", str(path), str(tmp_path / "out")]) == 2  # the guard: no overwrite
 
 
 def test_a_dfs_recipe_is_stored_and_exported_as_a_recipe(tiny_models, tmp_path):
@@ -179,15 +169,12 @@ def test_a_dfs_recipe_is_stored_and_exported_as_a_recipe(tiny_models, tmp_path):
     assert Recipe.from_yaml(out.read_text()) == recipe
 
 
-def test_mergekit_export_refuses_a_dfs_recipe(tiny_models, tmp_path):
+def test_mergekit_export_of_a_dfs_recipe_is_a_passthrough(tiny_models, tmp_path):
     recipe = dfs_recipe(tiny_models)
-    with pytest.raises(ValueError, match=NO_ENGINE):
-        mergekit_config(recipe, num_layers=4)
-    with pytest.raises(ValueError, match=NO_ENGINE):
-        export_mergekit_yaml(recipe)
-    with pytest.raises(ValueError, match=NO_ENGINE):
-        export_recipe(recipe, tmp_path / "mk.yaml", "mergekit")
-    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="dfs"):
+        mergekit_config(recipe, num_layers=4)  # the ps config builder takes ps recipes only
+    text = export_mergekit_yaml(recipe)
+    assert "merge_method: passthrough" in text and "slices:" in text
 
 
 def test_ps_engine_refuses_an_inline_recipe_source(tiny_models, tmp_path, capsys):
