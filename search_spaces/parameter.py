@@ -3,7 +3,16 @@
 Stable parameter names: ``{p}/{model}/{group}`` (plus ``/{kind}`` with module kinds), where
 ``p`` is the per-model parameter's short name in its spec (``w`` weight, ``d`` density, ``g``
 gamma; see :mod:`evomerge.merge.methods_spec`); ``model`` is ``all`` when coefficients are shared
-across models; global method parameters searched as ``{name}/{group}``.
+across models; global method parameters searched as ``{name}/{group}``. Module kinds are
+``attention``, ``mlp`` and ``default`` (matched per architecture, see
+:data:`evomerge.merge.coefficients.KIND_FILTERS`).
+
+With ``schedule`` a coefficient is a :class:`~evomerge.recipe.Schedule` over depth and
+``{group}`` becomes ``k{i}``, the value at knot ``i``: a ``linear`` schedule has two knots, the
+first and the last layer (the recipe stores ``a = k0``, ``b = k1 - k0``), a ``piecewise`` one
+``knots``. Each knot is searched inside the parameter's bounds; every layer's value lies between
+two knots, so it stays inside them too (the recipe's ``clamp`` holds the bounds and only removes
+float rounding).
 
 >>> from evomerge.config import ModelsConfig, ParameterSpaceConfig
 >>> models = ModelsConfig(base={"path": "b"}, experts={"x": {"path": "x"}, "y": {"path": "y"}})
@@ -21,10 +30,11 @@ from typing import Any
 from optuna.distributions import FloatDistribution
 
 from evomerge.config import ModelsConfig, ParameterSpaceConfig
+from evomerge.merge.coefficients import SEARCH_KINDS
 from evomerge.merge.methods_spec import METHODS, ParamSpec
-from evomerge.recipe import Recipe
+from evomerge.recipe import Recipe, Schedule
 
-KINDS = ("self_attn", "mlp", "default")
+KINDS = SEARCH_KINDS
 
 
 class ParameterSpace:
@@ -45,7 +55,7 @@ class ParameterSpace:
         self._global_params = {
             k: v
             for k, v in self.spec.global_params.items()
-            if k in cfg.bounds or not self._model_params
+            if k not in cfg.fixed and (k in cfg.bounds or not self._model_params)
         }
 
     # -- layout ----------------------------------------------------------------------------
@@ -55,8 +65,15 @@ class ParameterSpace:
     def _kinds(self) -> tuple[str, ...]:
         return KINDS if self.cfg.module_kinds else ("",)
 
+    def _points(self) -> list[str]:
+        """The searched positions over depth: layer groups, or a schedule's knots."""
+        if self.cfg.schedule is None:
+            return [str(g) for g in range(self.cfg.layer_groups)]
+        return [f"k{i}" for i in range(self.cfg.schedule.size)]
+
     def _name(self, prefix: str, owner: str | None, group: int, kind: str) -> str:
-        parts = [prefix] + ([owner] if owner else []) + [str(group)] + ([kind] if kind else [])
+        point = self._points()[group]
+        parts = [prefix] + ([owner] if owner else []) + [point] + ([kind] if kind else [])
         return "/".join(parts)
 
     def _bounds(self, param: str, spec: ParamSpec) -> tuple[float, float, bool]:
@@ -68,12 +85,12 @@ class ParameterSpace:
         out: list[tuple[str, str, str | None, int, str]] = []
         for param in self._model_params:
             for owner in self._owners():
-                for g in range(self.cfg.layer_groups):
+                for g in range(len(self._points())):
                     for kind in self._kinds():
                         prefix = self._model_params[param].short or param
                         out.append((param, self._name(prefix, owner, g, kind), owner, g, kind))
         for param in self._global_params:
-            for g in range(self.cfg.layer_groups):
+            for g in range(len(self._points())):
                 for kind in self._kinds():
                     out.append((param, self._name(param, None, g, kind), None, g, kind))
         return out
@@ -89,13 +106,14 @@ class ParameterSpace:
     # -- params <-> recipe -----------------------------------------------------------------
     def decode(self, params: dict[str, float]) -> Recipe:
         values: dict[tuple[str, str | None], dict[str, list[float]]] = {}
+        points = len(self._points())
         for param, name, owner, g, kind in self._slots():
             per_kind = values.setdefault((param, owner), {})
-            per_kind.setdefault(kind, [0.0] * self.cfg.layer_groups)[g] = float(params[name])
+            per_kind.setdefault(kind, [0.0] * points)[g] = float(params[name])
         models: dict[str, dict[str, Any]] = {e: {} for e in self.experts}
         parameters: dict[str, Any] = {**self.spec.flags, **self.cfg.fixed}
         for (param, owner), per_kind in values.items():
-            value = _compact(per_kind)
+            value = _compact(per_kind, self._shape(param))
             if owner is None:
                 parameters[param] = value
             else:
@@ -121,6 +139,21 @@ class ParameterSpace:
             )
             out[name] = _pick(src[param], g, kind)
         return out
+
+    def _shape(self, param: str) -> Any:
+        """How one kind's searched values become a recipe value: a float, a per-group tuple,
+        or a schedule clamped to the parameter's search bounds."""
+        schedule = self.cfg.schedule
+        if schedule is None:
+            return lambda vals: vals[0] if len(vals) == 1 else tuple(vals)
+        low, high, _ = self._bounds(param, self._param(param))
+
+        def make(knots: list[float]) -> Schedule:
+            if schedule.kind == "linear":
+                knots = [knots[0], knots[1] - knots[0]]
+            return Schedule(schedule=schedule.kind, values=tuple(knots), clamp=(low, high))
+
+        return make
 
     def default(self) -> Recipe:
         """The method's default coefficients (see :mod:`evomerge.merge.methods_spec`)."""
@@ -169,10 +202,7 @@ class ParameterSpace:
         return unique
 
 
-def _compact(per_kind: dict[str, list[float]]) -> Any:
-    def one(vals: list[float]) -> Any:
-        return vals[0] if len(vals) == 1 else tuple(vals)
-
+def _compact(per_kind: dict[str, list[float]], one: Any) -> Any:
     if list(per_kind) == [""]:
         return one(per_kind[""])
     return {kind: one(v) for kind, v in per_kind.items()}
@@ -181,6 +211,11 @@ def _compact(per_kind: dict[str, list[float]]) -> Any:
 def _pick(value: Any, group: int, kind: str) -> float:
     if isinstance(value, dict):
         value = value[kind or "default"]
+    if isinstance(value, Schedule):
+        knots = value.values
+        if value.schedule == "linear":
+            knots = (knots[0], knots[0] + knots[1])
+        return float(knots[group])
     if isinstance(value, tuple):
         return float(value[group])
     return float(value)

@@ -35,7 +35,16 @@ from evomerge.runs.export_mergekit import mergekit_yaml
 from evomerge.search_spaces.parameter import ParameterSpace
 
 LAYERS = 4  # tests/conftest.py TINY
-ONE_HOT = {"slerp": {"t": 1.0}}  # global parameters that give the first model exactly
+ONE_HOT = {  # global parameters that give the first model exactly
+    "slerp": {"t": 1.0}, "karcher": {}, "nearswap": {"t": 1.0}, "ram": {"epsilon": 0.0},
+    "ramplus_tl": {"epsilon": 0.0}, "tsv_m": {}, "sce": {"select_topk": 1.0},
+}
+MIXES_BY_DESIGN = {  # methods with no setting that returns one model alone, and why
+    "model_stock": "interpolates towards the base by the experts' angle",
+    "arcee_fusion": "keeps the base where the expert's change is not salient",
+    "iso_c": "flattens the task matrix's spectrum",
+    "iso_cts": "flattens the task matrix's spectrum",
+}
 
 
 def scaled_linear(base, tensors, *, weight, scale, normalize):
@@ -127,6 +136,12 @@ class TestMethodContract:
         if "weight" in spec.model_params:
             models = {e: {"weight": 1.0 if e == "a" else 0.0} for e in experts(spec)}
             parameters = {}
+        elif spec.name in MIXES_BY_DESIGN:  # then it must really mix: not model a, not the base
+            s = space(spec, sources)
+            out = merge_state_dicts(s.decode(point(s)), state_dicts, num_layers=LAYERS)
+            for other in ("a", "base"):
+                assert any(not torch.equal(out[k], v) for k, v in state_dicts[other].items())
+            return
         else:
             assert spec.name in ONE_HOT, f"add a ONE_HOT case for merge method {spec.name!r}"
             models, parameters = {"a": {}}, ONE_HOT[spec.name]
@@ -160,7 +175,10 @@ class TestMethodContract:
     def test_baselines_decode_to_valid_recipes(self, spec, sources):
         s = space(spec, sources, layer_groups=2)
         dists = s.distributions()
-        assert "uniform" in s.baselines() and dists
+        # a method with no searchable parameter (model_stock, arcee_fusion) is one merge
+        searchable = any(p.low < p.high for p in (*spec.model_params.values(),
+                                                  *spec.global_params.values()))
+        assert "uniform" in s.baselines() and (bool(dists) or not searchable)
         for params in s.baselines().values():
             assert set(params) == set(dists)
             r = s.decode(params)

@@ -35,7 +35,7 @@ def test_global_granularity_shares_coefficients():
 def test_module_kinds_make_kind_dicts():
     s = space(method="task_arithmetic", layer_groups=3, module_kinds=True)
     r = s.decode({n: 0.1 * i for i, n in enumerate(s.distributions())})
-    assert set(r.models["x"]["weight"]) == {"self_attn", "mlp", "default"}
+    assert set(r.models["x"]["weight"]) == {"attention", "mlp", "default"}
     assert len(r.models["x"]["weight"]["mlp"]) == 3
 
 

@@ -1,8 +1,9 @@
 """The README.md model card of an exported Hugging Face folder.
 
 It records what a reader needs to trust and reproduce the model: the source models, the method,
-the recipe (and the equivalent mergekit config when there is one), the trial's scores and
-held-out scores, the study, the evomerge version and the date.
+the recipe (and the equivalent mergekit config when there is one; when stock mergekit is known
+not to run the models' architecture, the card says so instead of promising an equivalent), the
+trial's scores and held-out scores, the study, the evomerge version and the date.
 
 >>> from evomerge.recipe import Recipe
 >>> r = Recipe(method="linear", sources={"a": "org/a", "b": "org/b"},
@@ -24,7 +25,7 @@ import yaml
 from evomerge import __version__
 from evomerge.merge.reference import DARE
 from evomerge.recipe import AnyRecipe, Recipe
-from evomerge.runs.export_mergekit import DARE_NOTE
+from evomerge.runs.export_mergekit import DARE_NOTE, mergekit_caveat
 
 RECIPE_FILE = "evomerge_recipe.yaml"
 
@@ -61,7 +62,8 @@ def model_card(
         f"Re-create these weights with `evomerge merge {RECIPE_FILE} OUT/` "
         f"(the file is in this folder):\n",
         f"```yaml\n{recipe.to_yaml()}```\n",
-        _mergekit(mergekit_yaml, mergekit_error),
+        _mergekit(mergekit_yaml, mergekit_error,
+                  mergekit_caveat(recipe) if mergekit_yaml else None),
         "## Use\n",
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         'model = AutoModelForCausalLM.from_pretrained("PATH")\n'
@@ -113,9 +115,9 @@ def _role(recipe: AnyRecipe, name: str) -> str:
 
 def _method(recipe: AnyRecipe) -> str:
     if not isinstance(recipe, Recipe):
-        slots = ", ".join(f"{n}[{i}]" for n, i in recipe.layers)
-        return (f"- data-flow path: {slots}\n- embeddings, final norm and head: "
-                f"`{recipe.embed_from}`\n- dtype: `{recipe.dtype or 'float32'}`\n")
+        from evomerge.dfs.card import dfs_method
+
+        return dfs_method(recipe)
     lines = [f"- method: `{recipe.method}`"]
     if recipe.base_model:
         lines.append(f"- base model: `{recipe.base_model}`")
@@ -143,7 +145,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _mergekit(text: str | None, error: str | None) -> str:
+def _mergekit(text: str | None, error: str | None, caveat: str | None = None) -> str:
+    if text and caveat:
+        return ("## mergekit\n\nNo runnable mergekit config: "
+                f"{caveat}.\n\nThe merge written in mergekit's terms, for reference only:"
+                f"\n\n```yaml\n{text}```\n")
     if text:
         return ("## mergekit\n\nThe same merge as a mergekit config (`mergekit-yaml config.yaml "
                 f"OUT/`):\n\n```yaml\n{text}```\n")
