@@ -1,12 +1,13 @@
 """Merge throughput: one candidate ``Workspace.apply`` vs a plain tensor copy and vs mergekit.
 
 A ~100M-parameter Llama with random weights is the base; experts are the base plus seeded noise,
-saved once as safetensors folders. For each method (task_arithmetic, ties, dare_ties) with
-per-layer coefficients and K experts, it times:
+saved once as safetensors folders. For each method (task_arithmetic, ties, dare_ties,
+breadcrumbs_ties, della, sce) with per-layer coefficients and K experts, it times:
 
 - ``Workspace.apply`` per candidate (median over ``--reps``, fresh coefficients every time, the
   recipe seed fixed as in a search), after one warm-up apply (``first_s``) that compiles the
-  fused kernels and builds the Workspace caches (sorted magnitudes for TIES, DARE levels);
+  fused kernels and builds the Workspace caches (entry ranks for TIES and breadcrumbs, DARE
+  levels, DELLA codes; sce has no fused path and runs its reference kernel, vectorised);
 - *bytes moved*, the least a candidate must touch: read K task vectors and the base, write one
   model, in the model dtype: ``(K + 2) * params * itemsize``; GB/s = bytes / time;
 - a plain ``dst.copy_(src)`` over tensors with the model's shapes moving the same bytes (read +
@@ -16,6 +17,7 @@ per-layer coefficients and K experts, it times:
   its in-memory ``merge_state_dicts`` on preloaded state dicts.
 
     python bench/merge_bandwidth.py                 # CPU, K = 2: ~9 minutes on 2 busy cores
+    python bench/merge_bandwidth.py --size 10m --compile-min-numel 0   # quick: ~4 minutes
     python bench/merge_bandwidth.py --ks 2 4 8      # the full table (~45 minutes there)
     python bench/merge_bandwidth.py --device cuda --ks 2 4 8 --reps 10
 """
@@ -51,10 +53,25 @@ from evomerge.config import LoadConfig  # noqa: E402
 from evomerge.recipe import Recipe  # noqa: E402
 
 NAME = "merge_bandwidth"
-METHODS = ("task_arithmetic", "ties", "dare_ties")
+METHODS = ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della", "sce")
 COLUMNS = ["method", "K", "apply_s", "first_s", "GB", "GB_per_s", "copy_GB_per_s", "ratio",
            "target", "mk_io_s", "mk_mem_s", "speedup_io", "speedup_mem"]
-TARGET = {"task_arithmetic": 0.7, "ties": 0.4, "dare_ties": 0.4}
+TARGET = {"task_arithmetic": 0.7, "ties": 0.4, "dare_ties": 0.4, "breadcrumbs_ties": 0.4,
+          "della": 0.4, "sce": None}
+"""Bandwidth targets of the fused (pointwise) paths; None: no fused path (reference kernel)."""
+
+# Per-model parameters besides ``weight`` (low, high of the per-layer draw) and global ones (a
+# scalar draw) of each method. Hook for more methods (e.g. nuslerp, registered in
+# evomerge/merge/methods_more.py): add its name to METHODS, its TARGET and its entries here.
+MODEL_PARAMS: dict[str, dict[str, tuple[float, float]]] = {
+    "task_arithmetic": {},
+    "ties": {"density": (0.3, 0.9)},
+    "dare_ties": {"density": (0.3, 0.9)},
+    "breadcrumbs_ties": {"density": (0.6, 0.95), "gamma": (0.005, 0.05)},
+    "della": {"density": (0.3, 0.7), "epsilon": (0.05, 0.15)},
+    "sce": {},
+}
+GLOBAL_PARAMS: dict[str, dict[str, tuple[float, float]]] = {"sce": {"select_topk": (0.2, 0.8)}}
 
 
 def make_recipe(method: str, paths: dict[str, str], k: int, layers: int, seed: int) -> Recipe:
@@ -66,14 +83,19 @@ def make_recipe(method: str, paths: dict[str, str], k: int, layers: int, seed: i
         noise = torch.rand(layers, generator=gen)
         return tuple(round(low + (high - low) * float(x), 4) for x in noise)
 
+    from evomerge.merge.methods_spec import METHODS as SPECS
+
     experts = [f"e{i}" for i in range(k)]
-    models = {}
+    models: dict[str, dict] = {}
     for e in experts:
-        models[e] = {"weight": draw(0.2, 1.0)}
-        if method != "task_arithmetic":
-            models[e]["density"] = draw(0.3, 0.9)
+        models[e] = {"weight": draw(0.2, 1.0)} if "weight" in SPECS[method].model_params else {}
+        for key, (low, high) in MODEL_PARAMS[method].items():
+            models[e][key] = draw(low, high)
+    parameters = {key: draw(low, high)[0] for key, (low, high) in
+                  GLOBAL_PARAMS.get(method, {}).items()}
     sources = {"base": paths["base"], **{e: paths[e] for e in experts}}
-    return Recipe(method=method, sources=sources, base_model="base", models=models)
+    return Recipe(method=method, sources=sources, base_model="base", models=models,
+                  parameters=parameters)
 
 
 def sync_for(device: str):
@@ -157,7 +179,7 @@ def bench_mergekit(method: str, paths: dict[str, str], k: int, args, layers: int
     mem_times = []
     for rep in range(1, args.mergekit_reps + 1):
         recipe = make_recipe(method, paths, k, layers, rep)
-        params = mergekit_params(recipe, list(sds["base"]), layers)
+        params = {**mergekit_params(recipe, list(sds["base"]), layers), **recipe.parameters}
         merge = partial(merge_state_dicts, sds, method, parameters=params, base="base")
         mem_times.append(timed(merge, sync=sync_for(args.device)))
     out["mk_mem_s"], out["mk_mem_all_s"] = median(mem_times), mem_times
@@ -176,6 +198,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mergekit-reps", type=int, default=1, help="timed mergekit runs (0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared box)")
     p.add_argument("--size", default="100m", choices=["100m", "10m"], help="model size")
+    p.add_argument("--compile-min-numel", type=int, default=None,
+                   help="compile the fused kernels for tensors this large (default: the "
+                        "Workspace's own threshold; 0 compiles every tensor of the 10m model)")
     p.add_argument("--models-dir", help="keep the saved models here (default: a temp dir)")
     p.add_argument("--out", default=NAME, help="name of the JSON/PNG in bench/results")
     return p.parse_args(argv)
@@ -184,6 +209,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compile_min_numel is not None:
+        from evomerge.merge import kernels
+
+        kernels.COMPILE_MIN_NUMEL = args.compile_min_numel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -203,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
                 "mergekit_io": "run_merge from safetensors folders (page cache) to a temp dir",
                 "mergekit_mem": "mergekit.merge_methods.api.merge_state_dicts on loaded dicts"}
     print("wrote", write_json(args.out, settings=settings, results=rows, info=info))
-    print("wrote", plot(rows, args))
+    try:
+        print("wrote", plot(rows, args))
+    except ModuleNotFoundError as err:  # matplotlib is optional: the JSON holds the results
+        print(f"no plot ({err})")
 
 
 def run_all(args: argparse.Namespace, paths: dict[str, str], layers: int) -> list[dict]:
@@ -233,7 +265,7 @@ def plot(rows: list[dict], args: argparse.Namespace) -> Path:
             ax2.plot(ks, [r["mk_io_s"] for r in sel], ls="--", marker="x",
                      label=f"mergekit+I/O {method}")
     for method, target in TARGET.items():
-        if method in args.methods:
+        if method in args.methods and target is not None:
             ax1.axhline(target, ls=":", color="grey")
     ax1.set(xlabel="experts K", ylabel="merge GB/s / copy GB/s", title="bandwidth ratio")
     ax2.set(xlabel="experts K", ylabel="seconds per candidate", yscale="log",

@@ -54,36 +54,68 @@ def test_ties_trims_each_task_vector_to_its_density():
 
 def test_magnitude_trim_counts_follow_mergekit():
     a = torch.arange(1.0, 11.0)
-    kth = trimming.sorted_kth(a)
-    assert mm.trim_mask(a, method="magnitude", density=1.0, gamma=0, kth=kth) is None
-    assert not mm.trim_mask(a, method="magnitude", density=0.0, gamma=0, kth=kth).any()
-    assert mm.trim_mask(a, method="magnitude", density=0.01, gamma=0, kth=kth).sum() == 1
-    keep = mm.trim_mask(a, method="magnitude", density=0.35, gamma=0, kth=kth)
+    assert trimming.trim_mask(a, method="magnitude", density=1.0) is None
+    assert not trimming.trim_mask(a, method="magnitude", density=0.0).any()
+    assert trimming.trim_mask(a, method="magnitude", density=0.01).sum() == 1
+    keep = trimming.trim_mask(a, method="magnitude", density=0.35)
     assert keep.tolist() == [False] * 7 + [True] * 3
 
 
 def test_breadcrumbs_drops_largest_gamma_and_smallest():
     a = torch.arange(1.0, 11.0)
-    kth = trimming.sorted_kth(a)
-    keep = mm.trim_mask(a, method="outliers", density=0.5, gamma=0.2, kth=kth)
+    keep = trimming.trim_mask(a, method="outliers", density=0.5, gamma=0.2)
     assert a[keep].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
     # gamma shrinks so that density is still met
-    keep = mm.trim_mask(a, method="outliers", density=0.9, gamma=0.5, kth=kth)
+    keep = trimming.trim_mask(a, method="outliers", density=0.9, gamma=0.5)
     assert a[keep].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
     base = torch.zeros(10)
     out = mm.breadcrumbs(base, a[None], weight=[1.0], density=0.5, gamma=0.2)
     assert out.tolist() == [0, 0, 0, 4, 5, 6, 7, 8, 0, 0]
 
 
-@pytest.mark.parametrize("n,size", [(7, 1024), (1000, 16), (1001, 7), (4096, 64)])
-def test_magnitude_table_gives_exact_ranks(n, size):
-    gen = torch.Generator().manual_seed(n)
-    a = torch.randint(0, 50, (n,), generator=gen).float()  # many ties
-    table = trimming.magnitude_table(a, size)
-    reference = torch.sort(a, descending=True).values
-    for r in range(n):
-        assert trimming.table_kth(a, table, r) == reference[r], r
-    assert trimming.sorted_kth(a)(a, n - 1) == reference[-1]
+def tied(n: int, seed: int) -> torch.Tensor:
+    """Values on a coarse grid (1/8 steps in [-2.5, 2.5]): most magnitudes tie another."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-20, 21, (n,), generator=gen).float() * 0.125
+
+
+@pytest.mark.parametrize("n", [10, 1000, 50_000])
+def test_tied_trims_keep_exactly_mergekits_entries(n):
+    """Where ``|tau|`` ties the threshold mergekit keeps exactly k entries, the ones its argsort
+    puts first; evomerge kept every tied entry before. Bitwise equal, both sparsifiers."""
+    from mergekit.sparsify import magnitude, magnitude_outliers
+
+    delta = tied(n, n)
+    for density in (0.1, 0.33, 0.5, 0.77):
+        keep = trimming.trim_mask(delta.abs(), method="magnitude", density=density)
+        assert int(keep.sum()) == max(1, int(density * n))
+        assert torch.equal(delta * keep, magnitude(delta, density)), density
+        for gamma in (0.0, 0.05, 0.3):
+            keep = trimming.trim_mask(delta.abs(), method="outliers", density=density,
+                                      gamma=gamma)
+            assert int(keep.sum()) == int(density * n)
+            assert torch.equal(delta * keep, magnitude_outliers(delta, density, gamma=gamma))
+
+
+def test_ties_kernel_is_bitwise_mergekit_on_tied_task_vectors():
+    """The whole TIES kernel (trim, sign election, disjoint mean, rescale) on grid values."""
+    from mergekit.merge_methods.generalized_task_arithmetic import get_mask
+    from mergekit.sparsify import RescaleNorm, magnitude
+
+    base = tied(3000, 0) * 0.5
+    tensors = torch.stack([base + tied(3000, s) for s in (1, 2, 3)])
+    weight, density = [0.7, 0.4, 1.0], [0.3, 0.55, 0.8]
+    for rescale in (False, True):
+        ours = mm.ties(base, tensors, weight=weight, density=density, rescale=rescale)
+        norm = RescaleNorm.l1 if rescale else None
+        deltas = torch.stack([magnitude(t - base, d, rescale_norm=norm)
+                              for t, d in zip(tensors, density, strict=True)])
+        w = torch.tensor(weight)[:, None]
+        deltas *= w
+        mask = get_mask(deltas, method="sum")
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+        assert torch.equal(ours, base + (deltas * mask).sum(0) / divisor)
 
 
 def test_rescale_restores_l1_norm():
@@ -123,6 +155,55 @@ def test_dare_masks_are_seeded_by_seed_tensor_and_model():
     assert not torch.equal(run(1, "w"), run(1, "v"))
     g_a, g_b = mm.dare_generator(1, "w", "a"), mm.dare_generator(1, "w", "b")
     assert not torch.equal(torch.rand(100, generator=g_a), torch.rand(100, generator=g_b))
+
+
+def test_della_keeps_larger_magnitudes_more_often():
+    """Keep probability density - epsilon + 2 epsilon r / (m - 1) by row rank r (mergekit's
+    della_magprune), drawn from seeded levels; rescale restores the L1 norm."""
+    gen = torch.Generator().manual_seed(0)
+    tau = torch.randn(400, 500, generator=gen)
+    base = torch.zeros_like(tau)
+    gens = [mm.dare_generator(3, "w", "a")]
+    out = mm.della_linear(base, tau[None], weight=[1.0], density=0.5, epsilon=0.3,
+                          generators=gens)
+    ranks = trimming.row_ranks(tau.abs()).reshape(tau.shape)
+    kept = out != 0
+    for lo, hi in ((0, 50), (225, 275), (450, 500)):
+        band = (ranks >= lo) & (ranks < hi)
+        expected = 0.2 + 0.6 * ((lo + hi - 1) / 2) / 499
+        assert kept[band].float().mean().item() == pytest.approx(expected, abs=0.01)
+    assert out.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-4)
+    again = mm.della_linear(base, tau[None], weight=[1.0], density=0.5, epsilon=0.3,
+                            generators=[mm.dare_generator(3, "w", "a")])
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="density 0.9 \\+/- epsilon 0.15.*lower epsilon"):
+        mm.della(base, tau[None], weight=[1.0], density=0.9, epsilon=0.15, generators=gens)
+
+
+def test_della_table_edges():
+    assert trimming.della_table(1.0, 0.1, 10) is None
+    assert (trimming.della_table(0.0, 0.1, 10) == 10).all()  # keeps nothing
+    flat = trimming.della_table(0.25, 0.0, 10)  # no epsilon: DARE with density 0.25
+    assert int((flat == 0).sum()) == 1024 and int((flat == 10).sum()) == 3072
+
+
+def test_sce_follows_mergekit_and_one_model_is_itself():
+    from mergekit.merge_methods.sce import sce_mask, sce_weight
+
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 32, generator=gen)
+    tensors = base + torch.round(torch.randn(3, 64, 32, generator=gen) * 8) / 256  # ties
+    for topk in (1.0, 0.6, 0.2):
+        tvs = tensors - base
+        if topk < 1:
+            tvs = tvs * sce_mask(tvs, topk, torch.float32).unsqueeze(0)
+        majority = (tvs.sum(0) >= 0).float() * 2 - 1
+        w = sce_weight(tvs)[:, None, None] * (tvs.sign() == majority)
+        expected = base + (tvs * w).sum(0) / w.sum(0).clamp(min=1e-6)
+        assert torch.equal(mm.sce(base, tensors, select_topk=topk), expected), topk
+    alone = mm.sce(base, tensors[:1])
+    torch.testing.assert_close(alone, tensors[0], rtol=0, atol=1e-6)
+    assert torch.equal(mm.sce(base, tensors, select_topk=0.0), base)
 
 
 def test_slerp_endpoints_and_arc():

@@ -18,7 +18,9 @@ SHAPES = {
     "model.layers.1.mlp.down_proj.weight": (4, 6),
     "lm_head.weight": (5, 4),
 }
-GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs"]
+GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+       "della", "della_linear"]
+EPSILON = {"della": {"epsilon": 0.0}, "della_linear": {"epsilon": 0.0}}  # any density is valid
 NAMES = ["a", "b", "c"]
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -59,6 +61,7 @@ def test_weight_one_on_a_reproduces_a(method, seed, density, k):
         models[NAMES[0]]["density"] = 1.0
         for n in NAMES[1:k]:
             models[n]["density"] = density
+            models[n] |= EPSILON.get(method, {})
     out = merge_state_dicts(recipe(method, models), sds, num_layers=LAYERS)
     if method == "linear":  # exact: 1 * A + 0 * others
         assert all(torch.equal(out[key], sds["a"][key]) for key in SHAPES)
@@ -71,7 +74,8 @@ def test_weight_one_on_a_reproduces_a(method, seed, density, k):
 def test_lambda_zero_gives_base(method, seed, weight, density):
     sds = state_dicts(seed)
     params = {"weight": weight} | ({} if method == "task_arithmetic" else {"density": density})
-    r = recipe(method, {n: params for n in NAMES}, parameters={"lambda": 0.0})
+    r = recipe(method, {n: params | EPSILON.get(method, {}) for n in NAMES},
+               parameters={"lambda": 0.0})
     out = merge_state_dicts(r, sds, num_layers=LAYERS)
     assert all(torch.equal(out[key], sds["base"][key]) for key in SHAPES)
 
@@ -87,7 +91,8 @@ def test_identical_models_are_a_fixed_point(method, seed, weight, density, lam):
         r = recipe(method, {n: {"weight": weight} for n in NAMES})
     else:
         params = {"weight": weight} | ({} if method == "task_arithmetic" else {"density": density})
-        r = recipe(method, {n: params for n in NAMES}, parameters={"lambda": lam})
+        r = recipe(method, {n: params | EPSILON.get(method, {}) for n in NAMES},
+                   parameters={"lambda": lam})
     assert close(merge_state_dicts(r, sds, num_layers=LAYERS), sds["base"])
 
 
@@ -107,8 +112,9 @@ def test_merges_are_finite(method, seed, weight, density, gamma, lam, normalize,
         params = {"weight": weight}
         if method != "task_arithmetic":
             params["density"] = density
-        if method == "breadcrumbs":
+        if method.startswith("breadcrumbs"):
             params["gamma"] = gamma
+        params |= EPSILON.get(method, {})
         r = recipe(method, {n: params for n in NAMES}, non_layer=non_layer,
                    parameters={"lambda": lam, "normalize": normalize})
     out = merge_state_dicts(r, sds, num_layers=LAYERS)
@@ -116,3 +122,24 @@ def test_merges_are_finite(method, seed, weight, density, gamma, lam, normalize,
     assert all(torch.isfinite(v).all() for v in out.values())
     if non_layer == "base":
         assert torch.equal(out["lm_head.weight"], sds["base"]["lm_head.weight"])
+
+
+@SETTINGS
+@given(method=st.sampled_from(["della", "della_linear"]), seed=st.integers(0, 2**16),
+       density=st.floats(0.2, 0.8), epsilon=st.floats(0.0, 0.15), lam=st.floats(0.0, 2.0))
+def test_della_in_its_search_bounds_is_finite_and_seeded(method, seed, density, epsilon, lam):
+    sds = state_dicts(seed)
+    models = {n: {"weight": 0.5, "density": density, "epsilon": epsilon} for n in NAMES}
+    r = recipe(method, models, parameters={"lambda": lam}, seed=seed)
+    out = merge_state_dicts(r, sds, num_layers=LAYERS)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    again = merge_state_dicts(r, sds, num_layers=LAYERS)
+    assert all(torch.equal(out[k], again[k]) for k in out)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), topk=st.floats(0.0, 1.0))
+def test_sce_identical_models_are_a_fixed_point(seed, topk):
+    sds = state_dicts(seed, same=True)
+    r = recipe("sce", {n: {} for n in NAMES}, parameters={"select_topk": topk})
+    assert close(merge_state_dicts(r, sds, num_layers=LAYERS), sds["base"])

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.merge.merge_cache import pack_levels, unpack_levels
+from evomerge.merge.methods_spec import METHODS
 from evomerge.merge.reference import merge_state_dicts
 from evomerge.merge.workspace import Workspace, merge_to_folder
 from evomerge.recipe import Recipe
@@ -28,6 +29,15 @@ RECIPES = {
     "breadcrumbs": ("breadcrumbs", {"b": {"weight": 0.9, "density": 0.7, "gamma": 0.05},
                                     "c": {"weight": W, "density": 0.8}}, {}),
     "slerp": ("slerp", {"c": {}}, {"t": (0.3, 0.6)}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {
+        "a": {"weight": W, "density": (0.6, 0.9), "gamma": 0.1},
+        "c": {"weight": 0.7, "density": 0.75}}, {"rescale": True}),
+    "della": ("della", {"a": {"weight": 0.6, "density": (0.3, 0.7), "epsilon": 0.2},
+                        "b": {"weight": W, "density": 0.5}}, {"lambda": 0.9}),
+    "della_linear": ("della_linear", {"b": {"weight": 0.8, "density": 0.4, "epsilon": 0.1},
+                                      "c": {"weight": W, "density": {"mlp": 0.6,
+                                                                     "default": 0.3}}}, {}),
+    "sce": ("sce", {"a": {}, "b": {}, "c": {}}, {"select_topk": (0.3, 0.8)}),
 }
 
 
@@ -81,16 +91,18 @@ def test_in_place_merge_equals_pure_merge(name, non_layer, workspace, sources, s
         assert torch.equal(live["lm_head.weight"], state_dicts["base"]["lm_head.weight"])
 
 
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "dare_ties", "dare_linear", "della"])
 def test_without_cache_memory_the_result_is_the_same(name, sources, state_dicts,
                                                       uncached_workspace):
-    """No memory for caches: quantile tables refined exactly, DARE levels drawn per candidate."""
+    """No memory for caches: ranks sorted again and random levels drawn per candidate."""
     recipe = make(name, sources)
     live = snapshot(uncached_workspace.apply(recipe))
     if "dare" in name:
         assert uncached_workspace.dare._cached is None
+    elif name == "della":
+        assert uncached_workspace.della._cached is None
     else:
-        assert uncached_workspace.tables.full is False
+        assert uncached_workspace.sorts.cached(METHODS[name].sparsifier) is False
     assert_same(live, merge_state_dicts(recipe, state_dicts, num_layers=4))
 
 
@@ -146,19 +158,23 @@ def sweep_recipe(method: str, sources: dict, k: int, normalize: bool, seed: int)
         models[m] = {"weight": draw(-0.3, 1.0) if i == 1 else draw(0.2, 1.0)}
         if method not in ("linear", "task_arithmetic"):
             models[m]["density"] = draw(0.1, 0.9)
-        if method == "breadcrumbs":
+        if method.startswith("breadcrumbs"):
             models[m]["gamma"] = draw(0.0, 0.1)
+        if method.startswith("della"):
+            models[m]["density"] = draw(0.3, 0.7)
+            models[m]["epsilon"] = draw(0.0, 0.25)
     params: dict = {"normalize": normalize}
     if method != "linear":
         params["lambda"] = 0.8
-    if method in ("ties", "breadcrumbs", "dare_linear", "dare_ties"):
+    if method not in ("linear", "task_arithmetic"):
         params["rescale"] = not normalize
     return Recipe(method=method, sources=sources, base_model=None if method == "linear" else
                   "base", models=models, parameters=params, seed=seed)
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs",
-                                    "dare_linear", "dare_ties"])
+                                    "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+                                    "della_linear"])
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_fast_path_equals_reference_sweep(method, k, normalize, workspace, sources,
@@ -242,7 +258,8 @@ def test_merge_to_folder_loads_with_transformers(tmp_path, sources, state_dicts)
         merge_to_folder(recipe, sources["a"])
 
 
-@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties",
+                                  "della"])
 def test_compiled_kernels_equal_the_reference(name, workspace, sources, state_dicts,
                                               monkeypatch):
     """Big tensors run through ``torch.compile``; force it on the tiny model's tensors."""
@@ -260,4 +277,53 @@ def test_merge_cache_bytes_from_the_load_config(sources):
 
     ws = Workspace(sources, "base", load=LoadConfig(merge_cache_bytes=0))
     ws.apply(make("ties", sources))
-    assert ws.tables.full is False
+    assert ws.sorts.cached("magnitude") is False
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_models, tmp_path_factory) -> tuple[dict[str, str], dict]:
+    """The tiny models rounded to a 1/64 grid: task vectors full of ties."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("grid")
+    sources, sds = {}, {}
+    for model in ("base", "a", "c"):
+        weights = load_file(f"{tiny_models[model]}/model.safetensors")
+        sds[model] = {k: torch.round(v * 64) / 64 for k, v in weights.items()}
+        shutil.copytree(tiny_models[model], root / model)
+        save_file(sds[model], str(root / model / "model.safetensors"), metadata={"format": "pt"})
+        sources[model] = str(root / model)
+    return sources, sds
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("cache_bytes", [None, 0])
+def test_tied_task_vectors_keep_the_references_entries(name, cache_bytes, grid):
+    """Task vectors on a 1/64 grid tie the trim bounds in every tensor: the fused pass keeps
+    the tied entries, then the cut tie groups are rewritten with mergekit's choice."""
+    sources, sds = grid
+    ws = Workspace(sources, "base", cache_bytes=cache_bytes)
+    recipe = Recipe(method=name, sources=sources, base_model="base", parameters={"rescale": True},
+                    models={"a": {"weight": 0.8, "density": (0.55, 0.7)},
+                            "c": {"weight": W, "density": 0.6}})
+    live = snapshot(ws.apply(recipe))
+    assert ws.sorts.cached(METHODS[name].sparsifier) is (cache_bytes is None)
+    pure = merge_state_dicts(recipe, sds, num_layers=4)
+    assert_same(live, pure)
+
+
+@pytest.mark.parametrize("cache_bytes", [None, 0])
+def test_sce_from_the_cached_variance_is_bitwise_the_reference(cache_bytes, grid):
+    """Tied variances on the grid: a threshold where it cuts no tie, ``torch.topk`` where it
+    does; the same float32 operations as the reference, so bit for bit."""
+    sources, sds = grid
+    ws = Workspace(sources, "base", cache_bytes=cache_bytes)
+    for topk in [(0.3, 0.55, 0.8, 0.97), {"mlp": 0.25, "default": 0.6}, 1.0]:
+        recipe = Recipe(method="sce", sources=sources, base_model="base",
+                        models={"a": {}, "c": {}}, parameters={"select_topk": topk})
+        live = snapshot(ws.apply(recipe))
+        pure = merge_state_dicts(recipe, sds, num_layers=4)
+        assert all(torch.equal(live[k], v) for k, v in pure.items())
+    assert bool(ws.sce._cached) is (cache_bytes is None)

@@ -40,7 +40,9 @@ def trim_kernel(out: Tensor, base: Tensor, deltas: Tensor, per_model: Tensor,
                 shared: Tensor) -> None:
     """Generalized task arithmetic keeping the entries with ``lo_k <= |tau_k| <= hi_k``.
 
-    ``per_model`` rows: weight, lo, hi, rescale factor; ``shared``: see :func:`combine`."""
+    ``per_model`` rows: weight, lo, hi, rescale factor; ``shared``: see :func:`combine`. Where
+    a tie group straddles a bound the Workspace then rewrites those entries with
+    :func:`masked_kernel`."""
     rows = []
     for k in range(deltas.shape[0]):
         d = deltas[k].float()
@@ -48,6 +50,39 @@ def trim_kernel(out: Tensor, base: Tensor, deltas: Tensor, per_model: Tensor,
         keep = (a >= per_model[1, k]) & (a <= per_model[2, k])
         rows.append(torch.where(keep, d * per_model[3, k] * per_model[0, k], 0.0))
     out.copy_(combine(base, rows, per_model[0], shared))
+
+
+def masked_kernel(out: Tensor, base: Tensor, deltas: Tensor, keep: Tensor, per_model: Tensor,
+                  shared: Tensor) -> None:
+    """:func:`trim_kernel` with explicit keep masks ``keep`` (K, n) (same ``per_model`` rows;
+    for the few entries of cut tie groups)."""
+    rows = [torch.where(keep[k], deltas[k].float() * per_model[3, k] * per_model[0, k], 0.0)
+            for k in range(deltas.shape[0])]
+    out.copy_(combine(base, rows, per_model[0], shared))
+
+
+def della_kernel(out: Tensor, base: Tensor, deltas: Tensor, codes: Tensor, tables: Tensor,
+                 per_model: Tensor, shared: Tensor) -> None:
+    """Generalized task arithmetic keeping the entries whose row rank reaches their level's
+    least kept rank: ``codes`` (K, n) int32 hold ``rank * 4096 + level``, ``tables`` (K, 4096)
+    int32 the least kept rank per level (:func:`evomerge.merge.trimming.della_table`);
+    ``per_model`` rows: weight, rescale factor; ``shared``: see :func:`combine`."""
+    rows = []
+    for k in range(deltas.shape[0]):
+        keep = (codes[k] >> 12) >= tables[k][codes[k] & 4095]
+        rows.append(torch.where(keep, deltas[k].float() * per_model[1, k] * per_model[0, k], 0.0))
+    out.copy_(combine(base, rows, per_model[0], shared))
+
+
+def della_l1_kernel(sums: Tensor, deltas: Tensor, codes: Tensor, tables: Tensor) -> None:
+    """``sums`` (2, K): each task vector's L1 norm and that of the entries DELLA keeps."""
+    total, kept = [], []
+    for k in range(deltas.shape[0]):
+        a = deltas[k].float().abs()
+        keep = (codes[k] >> 12) >= tables[k][codes[k] & 4095]
+        total.append(a.sum())
+        kept.append(torch.where(keep, a, 0.0).sum())
+    sums.copy_(torch.stack([torch.stack(total), torch.stack(kept)]))
 
 
 def dare_kernel(out: Tensor, base: Tensor, deltas: Tensor, packed: Tensor, per_model: Tensor,
@@ -102,8 +137,9 @@ pay off on tiny models, where an eager merge takes milliseconds."""
 def run(kernel: Callable[..., None], *args: Any) -> None:
     """Run ``kernel(*args)`` compiled (one loop, dynamic sizes), or eagerly for tensors under
     :data:`COMPILE_MIN_NUMEL` elements and once compiling has failed (with one warning). Give
-    1-D ``out``/``base`` and 2-D ``(K, n)`` per-model tensors."""
-    if kernel not in _EAGER and args[0].numel() >= COMPILE_MIN_NUMEL:
+    1-D ``out``/``base`` and 2-D ``(K, n)`` per-model tensors (a reduction kernel: its small
+    ``out`` and the ``(K, n)`` task vectors)."""
+    if kernel not in _EAGER and max(a.numel() for a in args[:2]) >= COMPILE_MIN_NUMEL:
         if kernel not in _COMPILED:
             _COMPILED[kernel] = torch.compile(kernel, dynamic=True)
         compiled = _COMPILED[kernel]

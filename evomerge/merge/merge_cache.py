@@ -1,22 +1,27 @@
-"""Per-task-vector caches that make a candidate's trim thresholds and DARE masks cheap.
+"""Per-task-vector caches that make a candidate's trim windows and random masks cheap.
 
-- :class:`TrimTables`: every sorted magnitude of each task vector, in its dtype (a TIES or
-  breadcrumbs threshold is then one lookup), or, beyond the memory budget, ~1024 quantiles
-  refined exactly at each use (a pass over the task vector per threshold).
+- :class:`SortCache`: each task vector's magnitudes sorted (float32) and mergekit's own argsort
+  order of its entries (descending for TIES, ascending for breadcrumbs; int32): 8 bytes per
+  entry. A candidate's trim bounds are lookups, its rescale norm a slice sum, and the tie groups
+  that its rank window cuts (where mergekit keeps some tied entries, not all) are read from the
+  order. Beyond the memory budget they are sorted again for every candidate (exact, slower).
 - :class:`DareLevels`: the DARE levels of each task vector for one recipe seed, and per level the
   L1 norm of the entries below it, so a rescale factor is a lookup. The levels of two task
   vectors share one float32 (``4096 * a + b``, exact): 2 bytes per entry, loaded at full speed
   (inductor's 16-bit loads measured ~2x slower than float32 on CPU). Beyond the budget they are
   drawn again for every candidate.
+- :class:`SceVariance`: SCE's variance across the merged task vectors, sorted, per tensor.
+- :class:`DellaCodes`: DELLA's row rank and random level of every entry for one seed, as one
+  int32 ``rank * 4096 + level``; beyond the budget built again for every candidate.
 
-Both hold ``K x params`` entries (K task vectors) at most; both are built on first use, all at
-once, and only if the whole cache fits in the budget: ``cache_bytes`` if given, else half the
-memory free on the device at that moment.
+Each holds ``K x params`` entries (K task vectors) at most; each is built on first use, all at
+once, and only if it fits in the budget: ``cache_bytes`` if given, else half the memory free on
+the device at that moment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,8 +29,6 @@ from torch import Tensor
 
 from evomerge.merge import merge_methods as mm
 from evomerge.merge import trimming
-
-QUANTILES = 1024
 
 
 def free_bytes(device: torch.device) -> int:
@@ -44,33 +47,38 @@ def _budget(cache_bytes: int | None, device: torch.device) -> int:
     return cache_bytes if cache_bytes is not None else free_bytes(device) // 2
 
 
-class TrimTables:
-    """Magnitude tables of stored task vectors ``deltas[name][row]``, built on first use."""
+class SortCache:
+    """Sorted magnitudes and mergekit's argsort order of stored task vectors ``deltas[name][row]``
+    per trim kind, built on first use."""
 
     def __init__(self, deltas: Mapping[str, Tensor], cache_bytes: int | None) -> None:
         self._deltas = deltas
         self._cache_bytes = cache_bytes
-        self._tables: dict[tuple[str, int], trimming.MagnitudeTable] = {}
-        self.full: bool | None = None  # decided on first use
+        self._sorted: dict[str, dict[tuple[str, int], trimming.SortedMagnitudes] | None] = {}
 
-    def kth(self, name: str, row: int) -> Callable[[int], Tensor]:
-        """``kth(r)``: the exact ``r``-th largest magnitude of task vector ``row`` of ``name``."""
-        if self.full is None:
-            self._build()
-        table = self._tables[(name, row)]
-        if table.step == 1:
-            return lambda r: table.values[r]
-        delta = self._deltas[name][row]
-        return lambda r: trimming.table_kth(delta.reshape(-1).abs().float(), table, r)
+    def cached(self, kind: str) -> bool | None:
+        """Whether the sorts of ``kind`` are kept (None: not asked for yet)."""
+        return None if kind not in self._sorted else self._sorted[kind] is not None
 
-    def _build(self) -> None:
-        need = sum(d.numel() * d.element_size() for d in self._deltas.values())
-        device = next(iter(self._deltas.values())).device
-        self.full = need <= _budget(self._cache_bytes, device)
-        for name, stack in self._deltas.items():
-            for row in range(stack.shape[0]):
-                size = stack[row].numel() if self.full else QUANTILES
-                self._tables[(name, row)] = trimming.magnitude_table(stack[row].abs(), size)
+    def get(self, kind: str, name: str, row: int) -> trimming.SortedMagnitudes:
+        """Task vector ``row`` of tensor ``name``, sorted for trim ``kind``."""
+        if kind not in self._sorted:
+            need = sum(d.numel() * 8 for d in self._deltas.values())
+            device = next(iter(self._deltas.values())).device
+            fits = need <= _budget(self._cache_bytes, device)
+            self._sorted[kind] = ({(n, r): self._sort(kind, n, r) for n, d in self._deltas.items()
+                                   for r in range(d.shape[0])} if fits else None)
+        cached = self._sorted[kind]
+        return self._sort(kind, name, row) if cached is None else cached[(name, row)]
+
+    def _sort(self, kind: str, name: str, row: int) -> trimming.SortedMagnitudes:
+        return trimming.sorted_magnitudes(kind, self._deltas[name][row].abs())
+
+
+def _select(stack: Tensor, rows: Sequence[int]) -> Tensor:
+    if list(rows) == list(range(stack.shape[0])):
+        return stack
+    return stack[torch.tensor(list(rows), dtype=torch.long, device=stack.device)]
 
 
 class DareLevels:
@@ -118,6 +126,85 @@ class DareLevels:
             cums.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).cpu())
             levels.append(drawn)
         return pack_levels(torch.stack(levels)), torch.stack(cums)
+
+
+class DellaCodes:
+    """DELLA's ``row_rank * 4096 + level`` per entry of stored task vectors, for one seed."""
+
+    MAX_ROW = 1 << 19  # rank * 4096 + level stays below 2**31
+
+    def __init__(self, deltas: Mapping[str, Tensor], models: Sequence[str],
+                 cache_bytes: int | None) -> None:
+        self._deltas = deltas
+        self._models = list(models)
+        self._cache_bytes = cache_bytes
+        self._seed: int | None = None
+        self._cached: dict[str, Tensor] | None = None
+
+    def get(self, seed: int, name: str, rows: Sequence[int]) -> Tensor:
+        """The codes ``(len(rows), n)`` (int32) of tensor ``name``'s task vectors ``rows``."""
+        if seed != self._seed:
+            self._cached, self._seed = None, seed
+            need = sum(d.numel() * 4 for d in self._deltas.values())
+            device = next(iter(self._deltas.values())).device
+            if need <= _budget(self._cache_bytes, device):
+                self._cached = {n: self._codes(seed, n, range(d.shape[0]))
+                                for n, d in self._deltas.items()}
+        if self._cached is None:
+            return self._codes(seed, name, rows)
+        return _select(self._cached[name], rows)
+
+    def _codes(self, seed: int, name: str, rows: Sequence[int]) -> Tensor:
+        stack = self._deltas[name]
+        if trimming.row_length(stack.shape[1:]) > self.MAX_ROW:
+            raise ValueError(f"della: tensor {name!r} has rows of more than {self.MAX_ROW} "
+                             "entries, which the Workspace cannot rank; merge it with the "
+                             "reference merge (evomerge merge) instead")
+        codes = []
+        for row in rows:
+            gen = mm.dare_generator(seed, name, self._models[row])
+            levels = mm.dare_levels(stack[row].shape, gen).to(stack.device).reshape(-1)
+            ranks = trimming.row_ranks(stack[row].abs())
+            codes.append(ranks * mm.DARE_LEVELS + levels.int())
+        return torch.stack(codes)
+
+
+class SceVariance:
+    """SCE's variance across the merged task vectors, per tensor and set of rows, sorted, so a
+    candidate's ``select_topk`` mask is a threshold (``torch.topk`` itself only where the
+    threshold cuts a tie, to keep mergekit's choice)."""
+
+    def __init__(self, deltas: Mapping[str, Tensor], cache_bytes: int | None) -> None:
+        self._deltas = deltas
+        self._cache_bytes = cache_bytes
+        self._fits: bool | None = None
+        self._cached: dict[tuple[str, tuple[int, ...]], tuple[Tensor, Tensor, Tensor]] = {}
+
+    def mask(self, name: str, tvs: Tensor, rows: Sequence[int], density: float) -> Tensor | None:
+        """mergekit's selection mask for float32 task vectors ``tvs`` (rows ``rows`` of tensor
+        ``name``), as :func:`evomerge.merge.merge_methods.sce_mask` gives it."""
+        if density >= 1:
+            return None
+        if self._fits is None:
+            need = sum(d[0].numel() * 8 for d in self._deltas.values())
+            device = next(iter(self._deltas.values())).device
+            self._fits = need <= _budget(self._cache_bytes, device)
+        key = (name, tuple(rows))
+        entry = self._cached.get(key)
+        if entry is None:
+            var = torch.var(tvs, dim=0, unbiased=False)
+            entry = (var, torch.sort(var.reshape(-1), descending=True).values,
+                     torch.count_nonzero(var))
+            if self._fits:
+                self._cached[key] = entry
+        var, ordered, nonzero = entry
+        k = mm.sce_count(var, density, nonzero) if density > 0 else 0
+        if k == 0:
+            return torch.zeros_like(var)
+        threshold = ordered[k - 1]
+        if k < ordered.numel() and ordered[k] == threshold:
+            return mm.sce_mask(var, density)
+        return (var >= threshold).to(var.dtype)
 
 
 def pack_levels(levels: Tensor) -> Tensor:

@@ -6,13 +6,15 @@ on a new leading axis ``(K, *shape)``, and ``params`` are the method's parameter
 names (``lambda`` is spelled ``lambda_``); per-model parameters are sequences of K floats.
 Arithmetic runs in float32 and the result has the input dtype.
 
-The task-arithmetic family (``task_arithmetic``, ``ties``, ``dare_*``, ``breadcrumbs``) is
-mergekit's *generalized task arithmetic*, one kernel, :func:`gta`, configured by each method's
-spec (:mod:`evomerge.merge.methods_spec`: its ``sparsifier`` and ``consensus``): sparsify each task
-vector ``tau_k = theta_k - base``, scale it by its ``weight``, optionally keep only entries that
-agree with the elected sign (``consensus``), sum, divide by the summed weights if ``normalize``,
-multiply by ``lambda`` and add to the base. ``rescale`` (default on for DARE) rescales a
-sparsified task vector to its original L1 norm, as mergekit does (not by ``1/density``). The
+The task-arithmetic family (``task_arithmetic``, ``ties``, ``dare_*``, ``breadcrumbs*``,
+``della*``) is mergekit's *generalized task arithmetic*, one kernel, :func:`gta`, configured by
+each method's spec (:mod:`evomerge.merge.methods_spec`: its ``sparsifier`` and ``consensus``):
+sparsify each task vector ``tau_k = theta_k - base``, scale it by its ``weight``, optionally keep
+only entries that agree with the elected sign (``consensus``), sum, divide by the summed weights
+if ``normalize``, multiply by ``lambda`` and add to the base. Trimming keeps exactly the entries
+mergekit keeps, ties at the threshold included (:mod:`evomerge.merge.trimming`). ``rescale``
+(default on for DARE and DELLA) rescales a sparsified task vector to its original L1 norm, as
+mergekit does (not by ``1/density``). :func:`sce` weighs the models by their task vectors. The
 named functions (:func:`ties`, ...) run a method by its spec, with its defaults.
 
 >>> import torch
@@ -25,28 +27,21 @@ named functions (:func:`ties`, ...) run a method by its spec, with its defaults.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from evomerge.merge import trimming
 from evomerge.merge.methods_spec import METHODS
-from evomerge.merge.trimming import Kth, sorted_kth, trim_mask
 
 RESCALE_EPS = 1e-7
-
-
 # -- sparsification ------------------------------------------------------------------------
-DARE_LEVELS = 4096
-"""DARE draws one random level in ``[0, DARE_LEVELS)`` per entry and keeps the entries below
-:func:`dare_cutoff` (density resolution 1/4096; levels fit float16 exactly, which the Workspace
-uses to cache them at 2 bytes per entry)."""
-
-
-def dare_cutoff(density: float) -> int:
-    """Entries with a DARE level below this are kept: ``floor(density * DARE_LEVELS)``, clipped."""
-    return min(DARE_LEVELS, max(0, math.floor(density * DARE_LEVELS)))
+DARE_LEVELS = trimming.LEVELS
+"""DARE and DELLA draw one random level in ``[0, DARE_LEVELS)`` per entry: DARE keeps the entries
+below :func:`dare_cutoff` (density resolution 1/4096; levels fit float16 exactly, which the
+Workspace uses to cache them at 2 bytes per entry), DELLA compares them with a rank table."""
+dare_cutoff = trimming.dare_cutoff
 
 
 def dare_levels(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
@@ -65,6 +60,18 @@ def random_mask(delta: Tensor, density: float, generator: torch.Generator | None
     return dare_levels(delta.shape, generator).to(delta.device) < dare_cutoff(density)
 
 
+def della_mask(delta: Tensor, density: float, epsilon: float,
+               generator: torch.Generator | None) -> Tensor | None:
+    """DELLA's keep mask: row-ranked keep probabilities (:func:`trimming.della_table`), one
+    seeded random level per entry, drawn as DARE's are."""
+    table = trimming.della_table(density, epsilon, trimming.row_length(delta.shape))
+    if table is None:
+        return None
+    levels = dare_levels(delta.shape, generator).to(delta.device).reshape(-1)
+    ranks = trimming.row_ranks(delta.abs())
+    return (ranks >= table.to(ranks.device)[levels.long()]).reshape(delta.shape)
+
+
 def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool, inplace=False) -> Tensor:
     """Zero the dropped entries; with ``rescale``, restore the original L1 norm (mergekit)."""
     if mask is None:
@@ -80,7 +87,8 @@ def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool, inplace=Fal
 
 
 def dare_generator(seed: int, tensor: str, model: str, device: str | torch.device = "cpu"):
-    """The generator for one task vector's DARE levels, seeded from (seed, tensor, model).
+    """The generator for one task vector's DARE (and DELLA) levels, seeded from (seed, tensor,
+    model).
 
     Keep the default CPU device for masks that do not depend on where the merge runs."""
     digest = hashlib.sha256(f"{seed}\0{tensor}\0{model}".encode()).digest()
@@ -101,21 +109,24 @@ def sparsify_as(
     *,
     density: Sequence[float],
     gamma: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
     rescale: bool = False,
-    kths: Sequence[Kth] | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> Tensor:
     """Sparsify each row of float32 ``deltas`` (K, ...) in place: ``kind`` is ``"random"``
-    (DARE), ``"magnitude"`` (TIES), ``"outliers"`` (breadcrumbs) or None (keep all)."""
+    (DARE), ``"magnitude"`` (TIES), ``"outliers"`` (breadcrumbs), ``"della"`` (DELLA's
+    magnitude-ranked random pruning) or None (keep all)."""
     for k in range(deltas.shape[0]):
         row = deltas[k]
+        gen = generators[k] if generators else None
+        mask: Tensor | None
         if kind == "random":
-            mask = random_mask(row, density[k], generators[k] if generators else None)
+            mask = random_mask(row, density[k], gen)
+        elif kind == "della":
+            mask = della_mask(row, density[k], epsilon[k] if epsilon else 0.0, gen)
         elif kind is not None:
-            magnitudes = row.abs()
-            kth = kths[k] if kths is not None else sorted_kth(magnitudes)
             g = gamma[k] if gamma is not None else 0.0
-            mask = trim_mask(magnitudes, method=kind, density=density[k], gamma=g, kth=kth)
+            mask = trimming.trim_mask(row.abs(), method=kind, density=density[k], gamma=g)
         else:
             mask = None
         apply_mask(row, mask, rescale=rescale, inplace=True)
@@ -165,13 +176,13 @@ def gta_merge(base: Tensor, deltas: Tensor, *, sparsifier: str | None, consensus
               **params) -> Tensor:
     """Generalized task arithmetic on float32 task vectors ``deltas`` (K, ...), in place.
 
-    ``params``: ``weight``, ``density``, ``gamma`` (per model), ``lambda_``, ``normalize``,
-    ``rescale``, and optionally ``kths`` (per-model threshold lookups) and ``generators``.
+    ``params``: ``weight``, ``density``, ``gamma``, ``epsilon`` (per model), ``lambda_``,
+    ``normalize``, ``rescale``, and optionally ``generators`` (DARE, DELLA).
     """
     if sparsifier is not None:
         sparsify_as(
             sparsifier, deltas, density=params["density"], gamma=params.get("gamma"),
-            rescale=params.get("rescale", False), kths=params.get("kths"),
+            epsilon=params.get("epsilon"), rescale=params.get("rescale", False),
             generators=params.get("generators"),
         )
     return combine(
@@ -183,7 +194,8 @@ def gta_merge(base: Tensor, deltas: Tensor, *, sparsifier: str | None, consensus
 # -- the kernels the built-in specs name -----------------------------------------------------
 def gta(base: Tensor, tensors: Tensor, *, sparsifier: str | None, consensus: bool,
         weight: Sequence[float], normalize: bool, density: float | Sequence[float] = 1.0,
-        gamma: float | Sequence[float] | None = None, lambda_: float = 1.0,
+        gamma: float | Sequence[float] | None = None,
+        epsilon: float | Sequence[float] | None = None, lambda_: float = 1.0,
         rescale: bool = False,
         generators: Sequence[torch.Generator | None] | None = None) -> Tensor:
     """Generalized task arithmetic: the kernel of the task-arithmetic family, whose spec passes
@@ -193,13 +205,66 @@ def gta(base: Tensor, tensors: Tensor, *, sparsifier: str | None, consensus: boo
     params: dict = dict(weight=weight, lambda_=lambda_, normalize=normalize)
     if sparsifier is not None:
         params.update(density=_per_model(density, tensors), rescale=rescale)
-        if gamma is not None:
-            params["gamma"] = _per_model(gamma, tensors)
+        for key, value in (("gamma", gamma), ("epsilon", epsilon)):
+            if value is not None:
+                params[key] = _per_model(value, tensors)
         if generators is not None:
             params["generators"] = generators
     deltas = tensors.float() - base.float()
     return gta_merge(base, deltas, sparsifier=sparsifier, consensus=consensus,
                      **params).to(base.dtype)
+
+
+def sce(base: Tensor, tensors: Tensor, *, select_topk: float = 1.0) -> Tensor:
+    """SCE (mergekit ``sce``): keep the ``select_topk`` fraction of entries whose task vectors
+    vary most across the models (of the entries that vary at all), elect signs as TIES does,
+    and average the agreeing entries weighted by each task vector's mean square.
+
+    Per-model weights are computed from the task vectors, not given. Ties in the variance are
+    broken by ``torch.topk``, as in mergekit, which this follows operation for operation.
+    """
+    if base is None:
+        raise ValueError("sce needs a base model tensor; set base_model in the recipe")
+    tvs = tensors.float() - base.float()
+    if select_topk >= 1:
+        return sce_merge(base, tvs, None)
+    return sce_merge(base, tvs, sce_mask(torch.var(tvs, dim=0, unbiased=False), select_topk))
+
+
+def sce_merge(base: Tensor, tvs: Tensor, mask: Tensor | None) -> Tensor:
+    """SCE on float32 task vectors ``tvs`` (K, ...) with a selection ``mask`` (None: all)."""
+    if mask is not None:
+        tvs = tvs * mask.unsqueeze(0)
+    majority = (tvs.sum(dim=0) >= 0).float() * 2 - 1
+    erase = tvs.sign() == majority
+    squares = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    total = torch.sum(squares).item()
+    weights = (torch.ones_like(squares) / squares.shape[0] if abs(total) < 1e-6
+               else squares / total)
+    weights = weights.reshape(-1, *([1] * (tvs.dim() - 1)))
+    erased = weights * erase
+    merged = (tvs * erased).sum(dim=0) / torch.sum(erased, dim=0).clamp(min=1e-6)
+    return (base.float() + merged).to(base.dtype)
+
+
+def sce_count(var: Tensor, density: float, nonzero: Tensor | None = None) -> int:
+    """How many entries SCE keeps: ``int(count_nonzero(var) * density)``, in mergekit's float32
+    arithmetic (a 0-d count tensor times a float)."""
+    count = torch.count_nonzero(var) if nonzero is None else nonzero
+    return int(count * density)
+
+
+def sce_mask(var: Tensor, density: float) -> Tensor | None:
+    """1.0 on the ``sce_count`` entries of largest variance ``var`` (``torch.topk``, as
+    mergekit); None: keep all."""
+    if density >= 1:
+        return None
+    mask = torch.zeros_like(var)
+    k = sce_count(var, density) if density > 0 else 0
+    if k > 0:
+        _, indices = torch.topk(var.abs().view(-1), k=k, largest=True)
+        mask.view(-1)[indices] = 1
+    return mask
 
 
 def linear(base: Tensor | None, tensors: Tensor, *, weight: Sequence[float], normalize=True):
@@ -254,6 +319,22 @@ def dare_ties(base: Tensor, tensors: Tensor, **params) -> Tensor:
 def breadcrumbs(base: Tensor, tensors: Tensor, **params) -> Tensor:
     """Model Breadcrumbs: drop the ``gamma`` largest and the smallest, keep ``density``."""
     return METHODS["breadcrumbs"](base, tensors, **params)
+
+
+def breadcrumbs_ties(base: Tensor, tensors: Tensor, **params) -> Tensor:
+    """Breadcrumbs sparsification, then TIES sign election."""
+    return METHODS["breadcrumbs_ties"](base, tensors, **params)
+
+
+def della(base: Tensor, tensors: Tensor, **params) -> Tensor:
+    """DELLA: drop entries at random, small magnitudes more often (``density +/- epsilon``),
+    rescale, then TIES sign election."""
+    return METHODS["della"](base, tensors, **params)
+
+
+def della_linear(base: Tensor, tensors: Tensor, **params) -> Tensor:
+    """DELLA's pruning, then task arithmetic."""
+    return METHODS["della_linear"](base, tensors, **params)
 
 
 def slerp(base, tensors, *, t, dot_threshold=0.9995, eps=1e-8):

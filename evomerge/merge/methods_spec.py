@@ -37,7 +37,7 @@ Range = tuple[float, float, bool, bool]
 ANY: Range = (-math.inf, math.inf, False, False)
 KERNEL_ARG = {"lambda": "lambda_"}  # `lambda` is a Python keyword
 FAMILIES = (None, "linear", "task_arithmetic")
-SPARSIFIERS = (None, "magnitude", "random", "outliers")
+SPARSIFIERS = (None, "magnitude", "random", "outliers", "della")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ class MethodSpec:
 
     ``family`` picks the Workspace's fused path: ``"linear"`` (``sum_k w_k theta_k``),
     ``"task_arithmetic"`` (generalized task arithmetic: ``sparsifier`` is None, ``"magnitude"``
-    (TIES), ``"random"`` (DARE, seeded masks) or ``"outliers"`` (breadcrumbs), ``consensus``
+    (TIES), ``"random"`` (DARE, seeded masks), ``"outliers"`` (breadcrumbs) or ``"della"``
+    (DELLA: magnitude-ranked seeded masks), ``consensus``
     elects signs; its kernel also receives these two), or None: the Workspace rebuilds the
     models' tensors and calls ``kernel`` (slerp). ``max_models``: exactly this many merged
     models (slerp: one). ``uniform_mean``: the "uniform" baseline gives each of K experts weight
@@ -108,7 +109,7 @@ class MethodSpec:
     flags: Mapping[str, bool] = field(default_factory=dict)
     max_models: int | None = None
     family: Literal["linear", "task_arithmetic"] | None = None
-    sparsifier: Literal["magnitude", "random", "outliers"] | None = None
+    sparsifier: Literal["magnitude", "random", "outliers", "della"] | None = None
     consensus: bool = False
     uniform_mean: bool = False
     mergekit: str | None = None
@@ -126,8 +127,8 @@ class MethodSpec:
 
     @property
     def seeded(self) -> bool:
-        """True if the merge draws random masks from the recipe's ``seed`` (DARE)."""
-        return self.sparsifier == "random"
+        """True if the merge draws random masks from the recipe's ``seed`` (DARE, DELLA)."""
+        return self.sparsifier in ("random", "della")
 
     def __call__(self, base: Any, tensors: Any, **params: Any) -> Any:
         """The reference merge of one tensor: ``base`` and ``tensors`` stacked ``(K, ...)``."""
@@ -250,6 +251,10 @@ DENSITY = ParamSpec(default=1.0, low=0.1, high=1.0, baseline=0.5, valid=(0.0, 1.
 LAMBDA = ParamSpec(default=1.0, low=0.0, high=2.0)
 GAMMA = ParamSpec(0.01, 0.0, 0.1, valid=(0.0, 1.0, True, False), short="g")
 T = ParamSpec(0.5, 0.0, 1.0, valid=(0.0, 1.0, True, True), mergekit_required=True)
+# DELLA: mergekit refuses density +/- epsilon outside (0, 1); these bounds never reach it.
+DELLA_DENSITY = ParamSpec(1.0, 0.2, 0.8, baseline=0.5, valid=DENSITY.valid, short="d")
+EPSILON = ParamSpec(0.15, 0.0, 0.15, valid=(0.0, 1.0, True, False), short="e")
+SELECT_TOPK = ParamSpec(1.0, 0.1, 1.0, baseline=0.5, valid=(0.0, 1.0, True, True))
 KERNELS = "evomerge.merge.merge_methods"
 
 
@@ -285,5 +290,20 @@ for _spec in (
     ),
     MethodSpec("slerp", kernel=f"{KERNELS}:slerp", needs_base=True, global_params={"t": T},
                max_models=1, mergekit="slerp"),
+    _task_arithmetic(
+        "breadcrumbs_ties", sparsifier="outliers", consensus=True, rescale=False,
+        model_params={"weight": WEIGHT, "density": ParamSpec(1.0, 0.5, 1.0, baseline=0.9,
+                                                             valid=DENSITY.valid, short="d"),
+                      "gamma": GAMMA},
+    ),
+    _task_arithmetic("della", sparsifier="della", consensus=True, normalize=True, rescale=True,
+                     model_params={"weight": WEIGHT, "density": DELLA_DENSITY,
+                                   "epsilon": EPSILON}),
+    _task_arithmetic("della_linear", sparsifier="della", rescale=True, uniform_mean=True,
+                     model_params={"weight": WEIGHT, "density": DELLA_DENSITY,
+                                   "epsilon": EPSILON}),
+    MethodSpec("sce", kernel=f"{KERNELS}:sce", needs_base=True,
+               global_params={"select_topk": SELECT_TOPK}, mergekit="sce"),
 ):
     register_method(_spec)
+import evomerge.merge.methods_more  # noqa: E402,F401  (registers more methods)

@@ -1,105 +1,224 @@
-"""Magnitude ranks of a task vector and the bounds that trimming keeps (TIES, breadcrumbs).
+"""Which entries of a task vector each sparsifier keeps, with mergekit 0.1.5's exact tie-breaking.
 
-The reference path sorts (:func:`sorted_kth`); the Workspace keeps a :func:`magnitude_table` per
-task vector and reads any rank from it (:func:`table_kth`). :func:`trim_bounds` turns a density
-(and breadcrumbs' ``gamma``) into the kept magnitude range, the same way for both.
+mergekit ranks entries with ``torch.argsort`` (not stable): TIES keeps the first
+``max(1, int(density * n))`` of the descending order of ``|tau|`` (flattened, float32), breadcrumbs
+the window ``[n_bot, n_bot + int(density * n))`` of the ascending order, DELLA ranks each row
+ascending. Among entries whose ``|tau|`` ties a threshold, which ones are kept is whatever that
+argsort puts first; so evomerge ranks with the very same call and keeps a *rank window*: the
+kept set, ties included, is mergekit's, entry for entry (the reference merge ranks every
+entry). The Workspace keeps each task vector's sorted magnitudes and argsort order
+(:class:`SortedMagnitudes`): it trims by magnitude bounds, ties included, in one fused pass and
+then rewrites the few entries of the tie groups a window cuts (:func:`partial_ties`).
+
+Ranks are computed on the CPU in float32 (as mergekit does on the CPU), whatever device the task
+vector is on, so a merge on a GPU keeps the same entries as ``mergekit-yaml`` on a CPU.
+
+>>> import torch
+>>> a = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
+>>> lo, hi = rank_window("magnitude", 5, density=0.4)
+>>> keep = window_mask(magnitude_ranks(a), lo, hi)
+>>> int(keep.sum()), bool(keep[1] | keep[3])     # two of the three tied 3.0s, nothing else
+(2, False)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-Kth = Callable[[Tensor, int], Tensor]
-"""``kth(magnitudes, r)``: the ``r``-th largest (0-based) of one task vector's flattened float32
-magnitudes, as a 0-d tensor."""
-
-def sorted_kth(abs_delta: Tensor) -> Kth:
-    """A :data:`Kth` from a full sort (the reference; the Workspace uses a lookup table)."""
-    values = torch.sort(abs_delta.reshape(-1).float(), descending=True).values
-    return lambda _magnitudes, r: values[r]
+LEVELS = 4096
+"""Random levels per entry (DARE, DELLA): an entry draws a level in ``[0, LEVELS)``."""
 
 
-class MagnitudeTable(NamedTuple):
-    """Every ``step``-th magnitude in descending order, and how many magnitudes exceed each
-    (not needed, so None, when ``step`` is 1)."""
-
-    values: Tensor
-    above: Tensor | None
-    step: int
+def _argsort_cpu(values: Tensor, *, descending: bool, dim: int = -1) -> Tensor:
+    work = values.detach().to("cpu")
+    if work.dtype in (torch.float16, torch.bfloat16) or not work.is_floating_point():
+        work = work.float()
+    return torch.argsort(work, dim=dim, descending=descending)
 
 
-def magnitude_table(abs_delta: Tensor, size: int = 1024) -> MagnitudeTable:
-    """Built once per task vector (about ``size`` entries; ``size >= n`` keeps them all);
-    :func:`table_kth` then finds the magnitude of any rank from it."""
-    ordered = torch.sort(abs_delta.reshape(-1), descending=True).values  # exact in its dtype
-    step = max(1, -(-ordered.numel() // size))
-    if step == 1:
-        return MagnitudeTable(ordered, None, 1)
-    ordered = ordered.float()
-    values = ordered[::step].clone()
-    above = ordered.numel() - torch.searchsorted(ordered.flip(0), values, right=True)
-    return MagnitudeTable(values, above, step)
+def _inverse(order: Tensor) -> Tensor:
+    """The rank of each entry from an argsort ``order`` along the last axis (int32)."""
+    ranks = torch.empty(order.shape, dtype=torch.int32)
+    steps = torch.arange(order.shape[-1], dtype=torch.int32).expand(order.shape).contiguous()
+    return ranks.scatter_(-1, order, steps)
 
 
-def table_kth(abs_flat: Tensor, table: MagnitudeTable, r: int) -> Tensor:
-    """The ``r``-th largest of ``abs_flat`` (0-based), exactly, from its :func:`magnitude_table`.
-
-    A rank on the table is a lookup; otherwise only the entries between the two neighbouring
-    table values (about ``n / size``) are ranked.
-    """
-    j, offset = divmod(r, table.step)
-    hi = table.values[j]
-    if offset == 0:
-        return hi
-    last = j + 1 == table.values.numel()
-    lo = torch.zeros((), device=hi.device) if last else table.values[j + 1]
-    keep = abs_flat <= hi
-    keep &= abs_flat >= lo
-    between = abs_flat[keep]
-    assert table.above is not None  # step > 1 here
-    position = r - int(table.above[j])  # rank within `between`, descending
-    return torch.kthvalue(between, between.numel() - position).values
+def magnitude_ranks(abs_delta: Tensor) -> Tensor:
+    """Each entry's position in mergekit's ``argsort(|tau|, descending=True)`` (TIES), flat,
+    int32, on ``abs_delta``'s device."""
+    flat = abs_delta.reshape(-1)
+    return _inverse(_argsort_cpu(flat, descending=True)).to(flat.device)
 
 
-def trim_bounds(
-    method: str, n: int, *, density: float, gamma: float, kth: Callable[[int], Tensor | float]
-) -> tuple[Tensor | float, Tensor | float] | None:
-    """The kept magnitudes ``lo <= |tau| <= hi`` of magnitude trimming or breadcrumbs, from
-    ``kth(r)``, the ``r``-th largest magnitude (0-based) of the ``n`` entries; None: keep all.
+def outlier_ranks(abs_delta: Tensor) -> Tensor:
+    """Each entry's position in mergekit's ascending ``sort(|tau|).indices`` (breadcrumbs)."""
+    flat = abs_delta.reshape(-1)
+    order = torch.sort(flat.detach().to("cpu").float(), descending=False).indices
+    return _inverse(order).to(flat.device)
 
-    ``magnitude`` keeps the ``max(1, int(density * n))`` largest; ``outliers`` drops the
-    ``int(gamma * n)`` largest (fewer if needed to keep the target) and keeps the next
-    ``int(density * n)``. Entries tied with a bound are kept; ``(0, -1)`` keeps nothing.
+
+def row_ranks(abs_delta: Tensor) -> Tensor:
+    """DELLA's 0-based ascending rank of each entry within its row (mergekit ranks along
+    dimension 1; a 1-D tensor is one row), flattened to ``abs_delta.numel()``, int32.
+
+    mergekit sorts in the tensor's own dtype (bfloat16 stays bfloat16 on the CPU)."""
+    rows = abs_delta if abs_delta.dim() >= 2 else abs_delta.reshape(1, -1)
+    work = rows.detach().to("cpu").movedim(1, -1)
+    order = torch.argsort(work, dim=-1, descending=False)
+    return _inverse(order).movedim(-1, 1).reshape(-1).to(abs_delta.device)
+
+
+def row_length(shape: torch.Size | tuple[int, ...]) -> int:
+    """The length of the rows DELLA ranks in (dimension 1; a 1-D tensor's length)."""
+    return int(shape[1]) if len(shape) >= 2 else int(shape[0]) if shape else 1
+
+
+def ranks_for(kind: str, abs_delta: Tensor) -> Tensor:
+    """The ranks a sparsifier ``kind`` keeps a window of (``magnitude``, ``outliers``)."""
+    if kind == "magnitude":
+        return magnitude_ranks(abs_delta)
+    if kind == "outliers":
+        return outlier_ranks(abs_delta)
+    raise ValueError(f"unknown trim method {kind!r}; use 'magnitude' or 'outliers'")
+
+
+def rank_window(kind: str, n: int, *, density: float,
+                gamma: float = 0.0) -> tuple[int, int] | None:
+    """The kept ranks ``[lo, hi)`` of ``n`` entries (None: keep all; ``lo == hi``: none).
+
+    ``magnitude`` (descending ranks) keeps ``max(1, int(density * n))`` entries; ``outliers``
+    (ascending ranks) drops the ``int(gamma * n)`` largest (fewer if needed to keep the target)
+    and keeps the next ``int(density * n)``, as mergekit's ``magnitude_outliers`` does.
     """
     if density >= 1:
         return None
-    if method == "magnitude":
+    if kind == "magnitude":
         if density <= 0 or n == 0:
-            return 0.0, -1.0
-        return kth(max(1, int(density * n)) - 1), math.inf
-    if method != "outliers":
-        raise ValueError(f"unknown trim method {method!r}; use 'magnitude' or 'outliers'")
+            return 0, 0
+        return 0, max(1, int(density * n))
+    if kind != "outliers":
+        raise ValueError(f"unknown trim method {kind!r}; use 'magnitude' or 'outliers'")
     target = int(density * n)
-    if target <= 0:
-        return 0.0, -1.0
-    top = min(int(gamma * n), n - target)
-    return kth(top + target - 1), kth(top) if top > 0 else math.inf
+    bottom = max(0, n - target - int(gamma * n))
+    return bottom, bottom + target
 
 
-def trim_mask(
-    abs_delta: Tensor, *, method: str, density: float, gamma: float, kth: Kth
-) -> Tensor | None:
-    """Entries kept by magnitude trimming (``magnitude``) or breadcrumbs (``outliers``), as
-    :func:`trim_bounds` says; None means keep everything."""
-    flat = abs_delta.reshape(-1)
-    bounds = trim_bounds(method, flat.numel(), density=density, gamma=gamma,
-                         kth=lambda r: kth(flat, r))
-    if bounds is None:
+def window_mask(ranks: Tensor, lo: int, hi: int) -> Tensor:
+    """``lo <= ranks < hi``."""
+    return (ranks >= lo) & (ranks < hi)
+
+
+def trim_mask(abs_delta: Tensor, *, method: str, density: float,
+              gamma: float = 0.0) -> Tensor | None:
+    """Entries kept by magnitude trimming (TIES) or breadcrumbs, exactly as mergekit keeps them
+    (ties included), shaped like ``abs_delta``; None: keep everything."""
+    window = rank_window(method, abs_delta.numel(), density=density, gamma=gamma)
+    if window is None:
         return None
-    lo, hi = bounds
-    return (abs_delta >= lo) & (abs_delta <= hi)
+    return window_mask(ranks_for(method, abs_delta), *window).reshape(abs_delta.shape)
+
+
+# -- the Workspace's form: sorted magnitudes, argsort order, and the ties to fix up -----------
+class SortedMagnitudes(NamedTuple):
+    """One task vector's magnitudes in ascending order (float32, ``values``) and mergekit's
+    argsort ``order`` for a trim kind (position -> flat index; int32), descending for TIES."""
+
+    values: Tensor
+    order: Tensor
+    descending: bool
+
+
+def sorted_magnitudes(kind: str, abs_delta: Tensor) -> SortedMagnitudes:
+    """:class:`SortedMagnitudes` of ``abs_delta`` for ``kind`` (computed on the CPU, returned on
+    ``abs_delta``'s device)."""
+    device = abs_delta.device
+    w = abs_delta.detach().reshape(-1).to("cpu").float()
+    if kind == "magnitude":
+        order = torch.argsort(w, descending=True)
+        values = w[order].flip(0)
+    elif kind == "outliers":
+        values, order = torch.sort(w, descending=False)
+    else:
+        raise ValueError(f"unknown trim method {kind!r}; use 'magnitude' or 'outliers'")
+    order = order.to(torch.int32).to(device)
+    return SortedMagnitudes(values.to(device), order, kind == "magnitude")
+
+
+def _ascending(s: SortedMagnitudes, lo: int, hi: int) -> tuple[int, int]:
+    """The ascending-``values`` slice of the kind's positions ``[lo, hi)``."""
+    n = s.values.numel()
+    return (n - hi, n - lo) if s.descending else (lo, hi)
+
+
+def window_values(s: SortedMagnitudes, window: tuple[int, int]) -> tuple[float, float]:
+    """The least and largest magnitude inside a non-empty rank ``window``."""
+    a, b = _ascending(s, *window)
+    return float(s.values[a]), float(s.values[b - 1])
+
+
+def window_l1(s: SortedMagnitudes, window: tuple[int, int]) -> float:
+    """The L1 norm of the entries inside ``window`` (a slice sum of the sorted magnitudes)."""
+    a, b = _ascending(s, *window)
+    return float(s.values[a:b].sum())
+
+
+def partial_ties(s: SortedMagnitudes, window: tuple[int, int]) -> list[tuple[Tensor, Tensor]]:
+    """The tie groups that ``window`` cuts (at its ends), each as (flat indices of the group's
+    entries, which of them mergekit keeps). Keeping ``lo <= |tau| <= hi`` (the window's
+    values) is exact everywhere else."""
+    lo, hi = window
+    n = s.values.numel()
+    out, seen = [], set()
+    for position in {lo, hi - 1}:
+        q = n - 1 - position if s.descending else position
+        v = s.values[q:q + 1]
+        first = int(torch.searchsorted(s.values, v, right=False))
+        last = int(torch.searchsorted(s.values, v, right=True)) - 1
+        start, stop = (n - 1 - last, n - 1 - first) if s.descending else (first, last)
+        if (start, stop) in seen or (start >= lo and stop < hi):
+            continue
+        seen.add((start, stop))
+        positions = torch.arange(start, stop + 1, device=s.order.device)
+        out.append((s.order[start:stop + 1].long(), (positions >= lo) & (positions < hi)))
+    return out
+
+
+# -- DELLA: magnitude-ranked keep probabilities ------------------------------------------------
+def check_della(density: float, epsilon: float) -> None:
+    """mergekit's rule: ``density +/- epsilon`` inside (0, 1) (when ``0 < density < 1``)."""
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(
+            f"della: density {density:g} +/- epsilon {epsilon:g} leaves (0, 1), which mergekit "
+            "refuses; lower epsilon or keep density within (epsilon, 1 - epsilon) "
+            "(search.space.bounds.density / .epsilon)")
+
+
+def della_table(density: float, epsilon: float, row: int) -> Tensor | None:
+    """For each random level ``L`` the least row rank kept (int32, ``(LEVELS,)``); None: keep all.
+
+    An entry of ascending row rank ``r`` in a row of ``row`` entries is kept with probability
+    ``p(r) = density - epsilon + 2 epsilon r / (row - 1)`` (mergekit's ``della_magprune``): it
+    draws a level ``L`` and is kept if ``L < LEVELS * p(r)``, i.e. ``r >= table[L]``
+    (probabilities resolved to 1/4096; ``row == 1``: ``p = density - epsilon``).
+    """
+    if density >= 1:
+        return None
+    check_della(density, epsilon)
+    levels = torch.arange(LEVELS, dtype=torch.float64)
+    if density <= 0:
+        return torch.full((LEVELS,), row, dtype=torch.int32)
+    if epsilon <= 0 or row <= 1:
+        keep = levels < LEVELS * (density - max(epsilon, 0.0))
+        return torch.where(keep, 0, row).to(torch.int32)
+    x = (levels / LEVELS - (density - epsilon)) * (row - 1) / (2 * epsilon)
+    least = torch.floor(x) + 1
+    return least.clamp_(0, row).to(torch.int32)
+
+
+def dare_cutoff(density: float) -> int:
+    """DARE keeps entries with a level below ``floor(density * LEVELS)``, clipped."""
+    return min(LEVELS, max(0, math.floor(density * LEVELS)))

@@ -43,7 +43,13 @@ from evomerge.merge.loading import (
     load_model,
     load_tokenizer,
 )
-from evomerge.merge.merge_cache import DareLevels, TrimTables, rescale_factors
+from evomerge.merge.merge_cache import (
+    DareLevels,
+    DellaCodes,
+    SceVariance,
+    SortCache,
+    rescale_factors,
+)
 from evomerge.merge.methods_spec import MethodSpec
 from evomerge.merge.reference import MergePlan, keeps_base, plan_merge, tensor_params
 from evomerge.recipe import AnyRecipe, Recipe, ps_recipe
@@ -54,11 +60,12 @@ DEFAULT_LOAD = LoadConfig.model_validate({})
 class Workspace:
     """Sources loaded once; :meth:`apply` writes a recipe's merged weights into :attr:`model`.
 
-    ``cache_bytes`` caps each cache (:mod:`evomerge.merge.merge_cache`): all sorted magnitudes for
-    TIES/breadcrumbs (``K x params`` entries in the model dtype; beyond the cap ~1024 quantiles
-    per task vector, refined with an extra pass per threshold) and the DARE levels of one seed
-    (``K x params x 2`` bytes; beyond the cap drawn anew per candidate). None: half the memory
-    free on the device when the cache is built. Default: ``load.merge_cache_bytes``.
+    ``cache_bytes`` caps each cache (:mod:`evomerge.merge.merge_cache`): the sorted magnitudes
+    and argsort order for TIES and for breadcrumbs (``K x params x 8`` bytes each; beyond the
+    cap sorted again per candidate), the DARE levels of one seed (``K x params x 2`` bytes) and
+    the DELLA codes of one seed (``K x params x 4`` bytes; beyond the cap drawn anew per
+    candidate). None: half the memory free on the device when the cache is built. Default:
+    ``load.merge_cache_bytes``.
     """
 
     def __init__(
@@ -89,8 +96,10 @@ class Workspace:
         self._device = next(iter(self._base.values())).device
         if cache_bytes is None:
             cache_bytes = load.merge_cache_bytes
-        self.tables = TrimTables(self._deltas, cache_bytes)
+        self.sorts = SortCache(self._deltas, cache_bytes)
         self.dare = DareLevels(self._deltas, others, cache_bytes)
+        self.della = DellaCodes(self._deltas, others, cache_bytes)
+        self.sce = SceVariance(self._deltas, cache_bytes)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, load: LoadConfig | None = None) -> Workspace:
@@ -162,7 +171,9 @@ class Workspace:
         if spec.family == "linear" or plain_sum:
             return self._weighted_sum
         if spec.family == "task_arithmetic" and spec.sparsifier is not None:
-            return self._dare if spec.seeded else self._trim
+            return {"random": self._dare, "della": self._della}.get(spec.sparsifier, self._trim)
+        if spec.kernel in (mm.sce, f"{mm.__name__}:sce"):
+            return self._sce
         return self._reference
 
     def _weighted_sum(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
@@ -184,12 +195,92 @@ class Workspace:
 
     def _trim(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
               rows: list[int], kwargs: dict) -> None:
+        """One fused pass keeping ``lo_k <= |tau_k| <= hi_k`` (ties included), then the entries
+        of tie groups that a window cuts rewritten with mergekit's exact choice."""
+        kind = plan.spec.sparsifier
+        assert kind is not None  # ties, breadcrumbs
         deltas = self._rows(name, rows)
-        lo, hi = self._trim_bounds(plan.spec, name, rows, kwargs)
-        scale = _trim_scale(deltas, lo, hi) if kwargs["rescale"] else [1.0] * len(rows)
+        n = deltas.shape[1]
+        gamma = kwargs.get("gamma", [0.0] * len(rows))
+        lo: list[float] = []
+        hi: list[float] = []
+        scale: list[float] = []
+        fixes: list[list[tuple[Tensor, Tensor]]] = []
+        for row, density, g in zip(rows, kwargs["density"], gamma, strict=True):
+            window = trimming.rank_window(kind, n, density=density, gamma=g)
+            low, high, factor, cut = self._trim_model(kind, name, row, window, kwargs["rescale"])
+            lo.append(low)
+            hi.append(high)
+            scale.append(factor)
+            fixes.append(cut)
+        per_model = self._pack([kwargs["weight"], lo, hi, scale])
+        shared = self._shared(plan.spec, kwargs)
         kernels.run(kernels.trim_kernel, param.view(-1), self._base[name].view(-1), deltas,
-                    self._pack([kwargs["weight"], lo, hi, scale]),
+                    per_model, shared)
+        if any(fixes):
+            self._fix_ties(param.view(-1), name, deltas, fixes, per_model, shared)
+
+    def _trim_model(self, kind: str, name: str, row: int, window: tuple[int, int] | None,
+                    rescale: bool) -> tuple[float, float, float, list[tuple[Tensor, Tensor]]]:
+        """One task vector's kept magnitudes ``(lo, hi)``, rescale factor and cut tie groups."""
+        if window is None:
+            return 0.0, math.inf, 1.0, []
+        if window[0] == window[1]:
+            return 0.0, -1.0, 1.0, []
+        s = self.sorts.get(kind, name, row)
+        low, high = trimming.window_values(s, window)
+        factor = rescale_factors([float(s.values.sum())], [trimming.window_l1(s, window)],
+                                 rescale)[0]
+        return low, high, factor, trimming.partial_ties(s, window)
+
+    def _fix_ties(self, out: Tensor, name: str, deltas: Tensor,
+                  fixes: list[list[tuple[Tensor, Tensor]]], per_model: Tensor,
+                  shared: Tensor) -> None:
+        """Rewrite the entries of cut tie groups with the keep masks mergekit uses there."""
+        where = torch.unique(torch.cat([idx for groups in fixes for idx, _ in groups]))
+        sub = deltas[:, where]
+        a = sub.float().abs()
+        keep = (a >= per_model[1][:, None]) & (a <= per_model[2][:, None])
+        for k, groups in enumerate(fixes):
+            for idx, kept in groups:
+                keep[k, torch.searchsorted(where, idx)] = kept
+        merged = torch.empty(where.numel(), dtype=out.dtype, device=out.device)
+        kernels.masked_kernel(merged, self._base[name].view(-1)[where], sub, keep, per_model,
+                              shared)
+        out[where] = merged
+
+    def _della(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
+               rows: list[int], kwargs: dict) -> None:
+        deltas = self._rows(name, rows)
+        codes = self.della.get(recipe.seed, name, rows)
+        row = trimming.row_length(self._base[name].shape)
+        tables = []
+        for density, epsilon in zip(kwargs["density"], kwargs["epsilon"], strict=True):
+            table = trimming.della_table(density, epsilon, row)
+            tables.append(table if table is not None else torch.zeros(mm.DARE_LEVELS,
+                                                                      dtype=torch.int32))
+        table = torch.stack(tables).to(self._device)
+        scale = [1.0] * len(rows)
+        if kwargs["rescale"]:
+            scale = self._rescale(kernels.della_l1_kernel, deltas, codes, table)
+        kernels.run(kernels.della_kernel, param.view(-1), self._base[name].view(-1), deltas,
+                    codes, table, self._pack([kwargs["weight"], scale]),
                     self._shared(plan.spec, kwargs))
+
+    def _rescale(self, kernel: Callable[..., None], deltas: Tensor, *masks: Tensor) -> list[float]:
+        """mergekit's L1 rescale factors of masked task vectors (an extra read of them)."""
+        sums = torch.empty((2, deltas.shape[0]), dtype=torch.float32, device=self._device)
+        kernels.run(kernel, sums, deltas, *masks)
+        before, after = sums.tolist()
+        return rescale_factors(before, after, True)
+
+    def _sce(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
+             rows: list[int], kwargs: dict) -> None:
+        """SCE on the stored task vectors, its selection mask from the cached variance."""
+        tvs = self._rows(name, rows).float()
+        mask = self.sce.mask(name, tvs, rows, kwargs["select_topk"])
+        merged = mm.sce_merge(self._base[name].view(-1), tvs, mask)
+        param.copy_(merged.view_as(param))
 
     def _reference(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
                    rows: list[int], kwargs: dict) -> None:
@@ -216,28 +307,6 @@ class Workspace:
         total = sum(kwargs["weight"])
         return self._pack([kwargs.get("lambda_", 1.0), float(spec.consensus),
                            float(kwargs["normalize"]), total if abs(total) >= 1e-8 else 1.0])
-
-    def _trim_bounds(self, spec: MethodSpec, name: str, rows: list[int],
-                     kwargs: dict) -> tuple[list[float], list[float]]:
-        kind = spec.sparsifier
-        assert kind is not None  # ties, breadcrumbs
-        n = self._base[name].numel()
-        gamma = kwargs.get("gamma", [0.0] * len(rows))
-        lo, hi = [], []
-        for row, density, g in zip(rows, kwargs["density"], gamma, strict=True):
-            bounds = trimming.trim_bounds(kind, n, density=density, gamma=g,
-                                    kth=self.tables.kth(name, row))
-            lo.append(0.0 if bounds is None else float(bounds[0]))
-            hi.append(math.inf if bounds is None else float(bounds[1]))
-        return lo, hi
-
-
-def _trim_scale(deltas: Tensor, lo: list[float], hi: list[float]) -> list[float]:
-    """Rescale factors of trimmed task vectors (``rescale: true``; an extra pass)."""
-    a = deltas.float().abs()
-    lo_t, hi_t = (torch.tensor(v, device=a.device)[:, None] for v in (lo, hi))
-    kept = torch.where((a >= lo_t) & (a <= hi_t), a, 0.0).sum(1)
-    return rescale_factors(a.sum(1).tolist(), kept.tolist(), True)
 
 
 def _linear_coefficients(plan: MergePlan, anchor: str, kwargs: dict,
@@ -284,6 +353,11 @@ def merge_to_folder(recipe: AnyRecipe, out: str | Path, *,
     for name, source in recipe.model_sources().items():
         if Path(source).exists() and Path(source).resolve() == out.resolve():
             raise ValueError(f"output folder {str(out)!r} is source {name!r}; choose another")
+    if recipe.kind == "dfs":  # a plain model of the path, not the engine's shared-layer shell
+        from evomerge.dfs.export import write_hf_folder
+
+        write_hf_folder(recipe, out, load=load)
+        return out
     model, tokenizer = factory.from_recipe(recipe, load=load).apply(recipe)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

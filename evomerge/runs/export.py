@@ -201,12 +201,7 @@ def _write_hf(recipe: AnyRecipe, folder: Path, *, metrics: Mapping[str, Any] | N
     from evomerge.runs.export_mergekit import export_mergekit_yaml
     from evomerge.runs.model_card import RECIPE_FILE, model_card
 
-    if recipe.kind == "dfs":  # a plain model of the path, not the engine's wrapped model
-        from evomerge.dfs.export import write_hf_folder
-
-        write_hf_folder(recipe, folder, load=load)
-    else:
-        merge_to_folder(recipe, folder, load=load)
+    merge_to_folder(recipe, folder, load=load)  # a dfs recipe: a plain model of its path
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
     mk_text, mk_error = None, None
     try:

@@ -2,10 +2,13 @@
 
 mergekit reads a list value as a gradient over the layers (``t = i / (n - 1)``), so a per-group
 tuple is written as exactly ``num_hidden_layers`` values, one per layer; embeddings, the final
-norm and ``lm_head`` read the first element, as evomerge's ``non_layer: first`` does. A module-kind
-mapping becomes ``{filter, value}`` entries (first match wins, ``default`` last, without a
-filter). ``non_layer: base`` prepends one filter per tensor outside the decoder layers (its full
-name) that sets the models' ``weight`` to 0 (task-arithmetic family), slerp's ``t`` to 0, or, for
+norm and ``lm_head`` read the first element, as evomerge's ``non_layer: first`` does. A schedule
+is written as that per-layer list. A module-kind mapping becomes ``{filter, value}`` entries, one
+per filter of each kind (:data:`~evomerge.merge.coefficients.KIND_FILTERS`; with the tensor names
+known, only those that select a tensor), in the mapping's order (first match wins, ``default``
+last, without a filter): the same substring rule evomerge merges with, so the same tensors.
+``non_layer: base`` prepends one filter per tensor outside the decoder layers (its full name)
+that sets the models' ``weight`` to 0 (task-arithmetic family), slerp's ``t`` to 0, or, for
 ``linear``, the base's weight to 1 and the others' to 0, so those tensors equal the base exactly.
 
 Every key written is one mergekit uses for the method: ``weight`` and ``t`` (required there) are
@@ -28,17 +31,19 @@ from typing import Any
 
 import yaml
 
-from evomerge.merge.coefficients import layer_index, per_layer
+from evomerge.merge.coefficients import kind_filters, layer_index, per_layer
 from evomerge.merge.methods_spec import METHODS, MethodSpec
 from evomerge.merge.reference import plan_merge
-from evomerge.recipe import AnyRecipe, Recipe, ps_recipe
+from evomerge.recipe import AnyRecipe, Recipe, Schedule, ps_recipe
 
 DARE_NOTE = (
-    "DARE drops task-vector entries at random. evomerge seeds each mask from (recipe seed, "
+    "DARE/DELLA drop task-vector entries at random. evomerge seeds each mask from (recipe seed, "
     "tensor, model); mergekit draws its own masks and cannot take that seed, so this config "
     "reproduces the method and every parameter but not the same dropped entries: the weights "
     "differ entry by entry (each task vector keeps the same L1 norm when rescale is on)."
 )
+BASE_OPTIONAL = ("nuslerp", "multislerp")
+"""mergekit methods whose optional base_model changes the merge (it is written when set)."""
 
 
 def mergekit_config(
@@ -55,10 +60,16 @@ def mergekit_config(
             f"merge method {recipe.method!r} has no mergekit equivalent, so it cannot be "
             "exported as a mergekit config. Export it with --format hf or --format recipe"
         )
-    base_filters = _base_filters(recipe, tensor_names)
-    ctx = _Ctx(recipe, plan.spec, num_layers)
+    names = None if tensor_names is None else list(tensor_names)
+    base_filters = _base_filters(recipe, names)
+    if base_filters and plan.spec.family is None and "t" not in plan.spec.global_params:
+        raise ValueError(
+            f"cannot export non_layer: base for merge method {recipe.method!r} to mergekit: no "
+            "setting of it keeps the base's tensors. Use non_layer: first, or --format hf"
+        )
+    ctx = _Ctx(recipe, plan.spec, num_layers, names)
     config: dict[str, Any] = {"merge_method": plan.spec.mergekit}
-    if plan.spec.needs_base:
+    if plan.spec.needs_base or (plan.base is not None and plan.spec.mergekit in BASE_OPTIONAL):
         config["base_model"] = _ref(recipe, plan.base)
     config["models"] = _models(ctx, plan.models, plan.base, base_filters)
     config["parameters"] = _globals(ctx, base_filters)
@@ -101,8 +112,9 @@ _Dumper.add_representer(list, _Dumper.represent_list)
 
 
 class _Ctx:
-    def __init__(self, recipe: Recipe, spec: MethodSpec, num_layers: int) -> None:
-        self.recipe, self.spec, self.num_layers = recipe, spec, num_layers
+    def __init__(self, recipe: Recipe, spec: MethodSpec, num_layers: int,
+                 names: list[str] | None = None) -> None:
+        self.recipe, self.spec, self.num_layers, self.names = recipe, spec, num_layers, names
 
     def required(self, key: str) -> bool:
         """True if mergekit has no default for ``key``, so the export always writes it."""
@@ -113,13 +125,15 @@ class _Ctx:
         """``value`` as mergekit ``{filter, value}`` entries (no filter = catch-all)."""
         if not isinstance(value, Mapping):
             return [{"value": self.plain(key, value)}]
-        conds = [{"filter": k, "value": self.plain(key, v)}
-                 for k, v in value.items() if k != "default"]
+        conds = [{"filter": f, "value": self.plain(key, v)}
+                 for k, v in value.items() if k != "default" for f in kind_filters(k, self.names)]
         if "default" in value:
             conds.append({"value": self.plain(key, value["default"])})
         return conds
 
     def plain(self, key: str, value: Any) -> Any:
+        if isinstance(value, Schedule):
+            value = per_layer(value, self.num_layers)
         if not isinstance(value, (tuple, list)):
             return value
         values = list(per_layer(tuple(value), self.num_layers))
@@ -288,8 +302,60 @@ def tensor_names(source: str) -> list[str]:
 
 
 def export_mergekit_yaml(recipe: AnyRecipe, *, header: Sequence[str] = ()) -> str:
-    """:func:`mergekit_yaml` with the layer count and tensor names read from the base model."""
+    """:func:`mergekit_yaml` with the layer count and tensor names read from the base model;
+    warns (and says so on top of the file) when stock mergekit is known not to run it. A dfs
+    recipe: :func:`evomerge.dfs.passthrough.passthrough_yaml`."""
+    import warnings
+
+    if recipe.kind == "dfs":
+        from evomerge.dfs.passthrough import passthrough_yaml
+
+        return passthrough_yaml(recipe, header=header)
     source = source_folder(recipe)
-    names = tensor_names(source) if _exportable(recipe).non_layer == "base" else None
+    names = tensor_names(source) if _exportable(recipe).non_layer == "base" else _names(source)
+    caveat = mergekit_caveat(recipe)
+    if caveat:
+        warnings.warn(caveat, stacklevel=2)
+        header = [*header, "", "WARNING: " + caveat]
     return mergekit_yaml(recipe, num_layers=num_hidden_layers(source), tensor_names=names,
                          header=header)
+
+
+def _names(source: str) -> list[str] | None:
+    try:
+        return tensor_names(source)
+    except (ValueError, FileNotFoundError):  # a hub id: every filter is written
+        return None
+
+
+MERGEKIT_NEEDS = {
+    "gpt_neox": ("gpt_neox.layers.0.attention.bias", "gpt_neox.layers.0.attention.masked_bias",
+                 "gpt_neox.layers.0.attention.rotary_emb.inv_freq"),
+}
+"""model_type -> tensors mergekit 0.1.5's architecture definition requires (buffers that older
+transformers saved and transformers 5 no longer does)."""
+
+
+def mergekit_caveat(recipe: AnyRecipe) -> str | None:
+    """Why stock mergekit 0.1.5 will not run ``recipe``'s models, or None (also when that
+    cannot be told: the model's config or tensor names unreadable)."""
+    try:
+        source = source_folder(recipe)
+        from evomerge.merge.loading import locate
+
+        location, _, local = locate("base", source)
+        if not local:  # a hub model: its tensors are not known here
+            return None
+        model_type = json.loads((Path(location) / "config.json").read_text()).get("model_type")
+        names = set(tensor_names(source))
+    except (OSError, ValueError):
+        return None
+    needed = MERGEKIT_NEEDS.get(model_type, ())
+    missing = [n for n in needed if n not in names]
+    if not missing:
+        return None
+    return (f"stock mergekit 0.1.5 does not run these {model_type} models: its architecture "
+            f"definition requires tensors they lack ({', '.join(missing)}; transformers 5 no "
+            "longer saves these buffers), and mergekit-yaml stops with 'Tensor ... required "
+            "but not present'. This config states the merge evomerge made; use the evomerge "
+            "export (--format hf) to get the weights")
