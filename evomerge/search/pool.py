@@ -46,6 +46,11 @@ class WorkerPool:
 
         self.job = job
         self._own_ray = start_ray(address or job.resources.address)
+        try:
+            check_fits(job)
+        except ValueError:
+            self._shutdown_own()
+            raise
         cls = worker_actor_class(job, worker_class or MergeWorker)
         job_json = job.model_dump_json()
         self.actors = [
@@ -158,6 +163,11 @@ class WorkerPool:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+        self._shutdown_own()
+
+    def _shutdown_own(self) -> None:
+        import ray
+
         if self._own_ray:
             ray.shutdown()
 
@@ -166,6 +176,34 @@ class WorkerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def worker_needs(job: JobConfig) -> dict[str, float]:
+    """The Ray resources one worker asks for (``CPU``, ``GPU`` and the custom ones)."""
+    res = job.resources
+    need = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.custom_resources}
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def check_fits(job: JobConfig) -> None:
+    """Refuse, in one line, a job whose worker fits on no live node: Ray would wait forever."""
+    import ray
+
+    need = worker_needs(job)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        return
+    offers = "; ".join(
+        ", ".join(f"{k}={v:g}" for k, v in sorted(n.items()) if not k.startswith("node:")
+                  and k not in ("memory", "object_store_memory"))
+        for n in nodes
+    )
+    raise ValueError(
+        f"no node of the Ray cluster can hold one worker: it needs "
+        f"{', '.join(f'{k}={v:g}' for k, v in need.items())} (resources.num_cpus, num_gpus, "
+        f"custom_resources) and the nodes offer: {offers}; lower them or start a node that has "
+        "them (ray start --num-gpus/--resources)"
+    )
 
 
 def _cause(err: BaseException) -> str:

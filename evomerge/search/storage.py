@@ -12,6 +12,10 @@ reads with :class:`JournalFileReader`, optuna's own ``JournalFileBackend`` that 
 written last line, so reading while the driver writes is safe, and names the file and the record
 when a line in the middle is corrupt.
 
+A study in PostgreSQL opened with ``writer=True`` is held the same way, per study:
+:func:`lock_study` takes a :class:`~evomerge.search.lease.StudyLease` (an advisory lock) and a
+second driver on that study gets the journal's refusal. SQLite and Redis have no driver lock.
+
 The journal file backends live in :mod:`evomerge.search.journal`.
 """
 
@@ -25,9 +29,18 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage
 
 from evomerge.search.journal import DriverJournalFile, JournalFileReader
+from evomerge.search.lease import StudyLease, supports_lease
 
 JOURNAL_NAME = "study.journal"
 JOB_ATTR = "evomerge:job"
+
+
+class DriverRDBStorage(optuna.storages.RDBStorage):
+    """optuna's ``RDBStorage`` for the driver: holds the lease of the study it drives."""
+
+    lease: StudyLease | None = None
+
+
 def storage_url(url: str | None, run_dir: Path) -> str:
     return url or f"journal:{run_dir / JOURNAL_NAME}"
 
@@ -52,11 +65,20 @@ def open_storage(
 
         return JournalStorage(JournalRedisBackend(url))
     if "://" in url:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+        cls = DriverRDBStorage if writer and supports_lease(url) else optuna.storages.RDBStorage
+        return cls(url, heartbeat_interval=None)
     raise ValueError(
         f"storage {url!r} is not a URL; use journal:PATH, sqlite:///PATH, "
         "postgresql://USER@HOST/DB or redis://HOST:PORT"
     )
+
+
+def lock_study(storage: BaseStorage, study: str) -> None:
+    """Take the driver lease of ``study`` in a PostgreSQL storage opened with ``writer=True``
+    (a journal file is locked when opened); a study held elsewhere raises
+    :class:`~evomerge.search.journal.JournalLockedError`. Released by :func:`close_storage`."""
+    if isinstance(storage, DriverRDBStorage) and storage.lease is None:
+        storage.lease = StudyLease.acquire(storage.url, study)
 
 
 def close_storage(storage: BaseStorage) -> None:
@@ -64,6 +86,10 @@ def close_storage(storage: BaseStorage) -> None:
     backend = getattr(storage, "_backend", None)
     if isinstance(backend, DriverJournalFile):
         backend.close()
+    rdb = backend if isinstance(backend, DriverRDBStorage) else storage  # optuna's cache wraps it
+    if isinstance(rdb, DriverRDBStorage) and rdb.lease is not None:
+        rdb.lease.release()
+        rdb.lease = None
 
 
 def study_exists(storage: BaseStorage, name: str) -> bool:
