@@ -5,6 +5,9 @@ On the small toy suite (base + shift/rot13/mirror experts; fitness = mean exact 
 
 - CMA-ES on per-model TIES coefficients (1 layer group) and per-layer ones (every layer);
   optional (``--methods "cmaes per-layer TA"``): CMA-ES on per-layer task-arithmetic weights;
+  optional: CMA-ES on per-layer DELLA coefficients (``cmaes per-layer della``; dare_ties where
+  della is not registered) and on TIES coefficients as a ``linear`` layer schedule (LiNeS:
+  2 parameters per model and parameter instead of one per layer; ``cmaes linear TIES``);
 - NSGA-II and random search on the per-layer space; every search starts with evomerge's baselines;
 - grid-searched task arithmetic (shared lambda, 11 points) and TIES (shared weight = lambda with
   ``normalize: false``, and density; 5 x 5) -- ``per_model: false``, ``grid`` sampler;
@@ -17,11 +20,17 @@ The held-out curve scores the incumbent (best fitness so far) at every ``--every
 
     python bench/search_quality.py            # 40 evaluations x 3 seeds, ~20 min on 2 cores
     python bench/search_quality.py --quick    # 16 evaluations x 2 seeds, no peer
+    python bench/search_quality.py --rows dfs # DFS alone and PS then DFS (40 + 40) next to PS
+                                              # alone, uniform TA and the experts, ~6 min
+    python bench/search_quality.py --methods "cmaes per-layer" "cmaes per-layer della" \
+        "cmaes linear TIES" --skip-peer --name search_quality_kinds_schedules \
+        --compare search_quality       # the issue-12 rows, next to the earlier ones
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -49,11 +58,19 @@ def searches(layers: int) -> dict[str, dict[str, Any]]:
     ties = {"name": "parameter", "method": "ties", "per_model": False,
             "fixed": {"normalize": False}, "bounds": {"weight": {"low": 0.1, "high": 1.3}}}
     cma = {"name": "cmaes", "popsize": 8, "sigma0": 0.25, "start": "uniform"}
+    from evomerge.merge.methods_spec import METHODS
+
+    della = "della" if "della" in METHODS else "dare_ties"
+    linear = {**per_model, "schedule": {"kind": "linear"}}
     return {
         "cmaes per-model": {"space": per_model, "sampler": cma, "seeded": True},
         "cmaes per-layer": {"space": per_layer, "sampler": cma, "seeded": True},
         "cmaes per-layer TA": {"space": {**per_layer, "method": "task_arithmetic"},
                                "sampler": cma, "seeded": True, "optional": True},
+        "cmaes per-layer della": {"space": {**per_layer, "method": della}, "sampler": cma,
+                                  "seeded": True, "optional": True},
+        "cmaes linear TIES": {"space": linear, "sampler": cma, "seeded": True,
+                              "optional": True},
         "nsga2 per-layer": {"space": per_layer, "seeded": True,
                             "sampler": {"name": "nsga2", "population_size": 8}},
         "random per-layer": {"space": per_layer, "sampler": {"name": "random"}, "seeded": True},
@@ -61,7 +78,78 @@ def searches(layers: int) -> dict[str, dict[str, Any]]:
                     "seeded": False, "baselines": False},
         "grid TIES": {"space": ties, "sampler": {"name": "grid", "points": 5}, "trials": 25,
                       "seeded": False, "baselines": False},
+        **dfs_searches(per_model, cma),
     }
+
+
+# -- DFS rows (--rows dfs): DFS alone and PS then DFS, next to PS alone and the references -----
+DFS_ROWS = ("cmaes per-model", "cmaes dfs", "cmaes ps-then-dfs")
+
+
+def dfs_space(first: str) -> dict[str, Any]:
+    """The data-flow space of the bench: model A = ``first``, then the experts (filled in by
+    :func:`run_one`), repeated twice, paths of at most 12 layers, A's first/last fixed."""
+    return {"name": "dfs", "models": [first], "repeats": 2, "max_path_length": 12,
+            "too_long": "truncate", "fix_first": True, "fix_last": True}
+
+
+def dfs_searches(per_model: dict[str, Any], cma: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    dfs_cma = {**cma, "sigma0": 0.15}  # in [0, 1] units: an indicator flips at 1.5 sigma0
+    return {
+        "cmaes dfs": {"space": dfs_space("base"), "sampler": dfs_cma, "seeded": True,
+                      "optional": True},
+        "cmaes ps-then-dfs": {"space": per_model, "sampler": cma, "seeded": True,
+                              "optional": True,
+                              "then": {"space": dfs_space("ps"), "sampler": dfs_cma}},
+    }
+
+
+def with_experts(job: dict[str, Any], spec: dict[str, Any], evals: int) -> dict[str, Any]:
+    """A DFS row's job: the experts after model A; PS+DFS runs ``evals`` PS evaluations (the
+    same search as ``cmaes per-model`` of that seed), then ``evals`` DFS ones over its winner."""
+    experts = list(job["models"]["experts"])
+    for block in (job["search"], spec.get("then") or {}):
+        space = block.get("space", {})
+        if space.get("name") == "dfs":
+            space["models"] = space["models"][:1] + experts
+    if "then" in spec:
+        job["search"]["then"] = {**spec["then"], "trials": evals}
+    return job
+
+
+def phase_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Phase 1 (ps) of a PS+DFS run, as ``read_trials`` rows, completed ones in order."""
+    from evomerge.runs.results import open_run
+
+    study, _ = open_run(run_dir, study_name="ps")
+    rows = [{"value": t.values[0], "end": t.datetime_complete.timestamp(),
+             "start": t.datetime_start.timestamp(), "recipe": t.user_attrs.get("recipe"),
+             **t.user_attrs.get("timing", {})}
+            for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    return sorted(rows, key=lambda r: r["end"])
+
+
+def candidate_s(rows: list[dict[str, Any]]) -> float | None:
+    """Mean merge + evaluation seconds of a candidate (in its worker)."""
+    times = [r["merge_s"] + r["eval_s"] for r in rows if "merge_s" in r]
+    return statistics.mean(times) if times else None
+
+
+def reference_scores(held: HeldOut, suite: Path) -> list[dict[str, Any]]:
+    """Held-out accuracy of uniform task arithmetic and of each expert alone."""
+    from evomerge.recipe import DFSRecipe
+
+    tasks = suite_tasks(suite)
+    sources = {"base": str(suite / "base"), **{t: str(suite / "experts" / t) for t in tasks}}
+    uniform = {"method": "task_arithmetic", "sources": sources, "base_model": "base",
+               "models": {t: {"weight": 1 / len(tasks)} for t in tasks},
+               "parameters": {"lambda": 1.0}}
+    rows = [{"method": "uniform TA", "test": held.recipe(uniform)}]
+    for t in tasks:  # the expert's own path: exactly the expert model
+        alone = DFSRecipe(sources={t: sources[t]}, layers=[(t, i) for i in range(
+            num_layers(suite))], scales=[1.0] * num_layers(suite), embed_from=t)
+        rows.append({"method": f"expert {t}", "test": held.recipe(alone.to_dict())})
+    return rows
 
 
 def run_evomerge(job_dict: dict[str, Any], *, reuse: bool = False) -> list[dict[str, Any]]:
@@ -144,7 +232,18 @@ class HeldOut:
         if key not in self.cache:
             from evomerge.recipe import Recipe
 
-            model = self.ws.apply(Recipe.from_dict(recipe))
+            parsed = Recipe.from_dict(recipe)
+            if parsed.kind == "dfs":  # a DFS path: its own engine (sources loaded once)
+                from evomerge.engines import engine_for
+
+                engines = self.__dict__.setdefault("dfs_engines", {})
+                used = {parsed.embed_from, *(n for n, _ in parsed.layers)}  # what it loads
+                sources = json.dumps({n: recipe["sources"][n] for n in sorted(used)})
+                if sources not in engines:
+                    engines[sources] = engine_for(parsed)
+                self.cache[key] = self._score(*engines[sources].apply(parsed))
+                return self.cache[key]
+            model = self.ws.apply(parsed)
             self.cache[key] = self._score(model, self.ws.tokenizer)
         return self.cache[key]
 
@@ -178,12 +277,17 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
     job = toy_job(args.suite, args.work / f"{label.replace(' ', '_')}_{seed}",
                   evaluator="accuracy", limit=args.limit, workers=args.workers,
                   trials=spec.get("trials", args.evals), layer_groups=1, sampler=sampler,
-                  space=spec["space"], baselines=spec.get("baselines", True))
+                  space=copy.deepcopy(spec["space"]), baselines=spec.get("baselines", True))
+    job = with_experts(job, copy.deepcopy(spec), args.evals)
     rows = run_evomerge(job, reuse=args.reuse)
-    seconds = rows[-1]["end"] - min(r["start"] for r in rows)  # first start to last result
-    values = [r["value"] for r in rows]
-    tests = [(m, held.recipe(rows[i]["recipe"])) for m, i in incumbents(values, args.every)]
-    return record(label, seed, values, tests, seconds)
+    first = phase_rows(Path(job["run_dir"])) if "then" in spec else []
+    seconds = rows[-1]["end"] - min(r["start"] for r in first + rows)
+    values = [r["value"] for r in first + rows]  # PS+DFS: phase 1's evaluations, then 2's
+    tests = [(m, held.recipe((first + rows)[i]["recipe"]))
+             for m, i in incumbents(values, args.every)]
+    out = record(label, seed, values, tests, seconds)
+    out["candidate_s"] = candidate_s(rows)  # PS+DFS: a phase-2 (DFS) candidate
+    return out
 
 
 def run_adamerging(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, Any]:
@@ -316,7 +420,13 @@ def main(argv: list[str] | None = None) -> int:
                    "(held-out is rescored)")
     p.add_argument("--peer-seeds", type=int, help="mergekit-evolve seeds (default: --seeds)")
     p.add_argument("--name", default="search_quality", help="results/<name>.json and .png")
+    p.add_argument("--rows", choices=["dfs"], help="dfs: DFS alone and PS+DFS next to PS "
+                   "alone (cmaes per-model), uniform TA and the experts; no peer, no AdaMerging")
+    p.add_argument("--compare", help="also print the rows of results/<COMPARE>.json (earlier "
+                   "runs, marked '(earlier)') under the new ones")
     args = p.parse_args(argv)
+    if args.rows == "dfs":
+        args.methods, args.skip_peer = list(DFS_ROWS), True
     if args.quick:
         args.evals, args.seeds, args.skip_peer, args.every = 16, 2, True, 4
     info = machine()
@@ -356,17 +466,37 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 _log(r)
     rows = summarize(runs)
+    if args.rows == "dfs":
+        for r in rows:
+            rs = [x for x in runs if x["method"] == r["method"]]
+            r["candidate_s"] = _mean(x.get("candidate_s") for x in rs)
+        rows += reference_scores(held, args.suite)
+        print(format_table(rows, ["method", "seeds", "evals", "fitness", "test", "test_sd",
+                                  "candidate_s", "seconds"]))
     cols = ["method", "seeds", "evals", "fitness", "fitness_sd", "test", "test_sd",
             "evals_to_95", "evals_to_95_of_peer", "seconds"]
-    print(format_table(rows, cols))
+    print(format_table(rows + compared(args.compare), cols))
     goal = targets(rows)
     print(json.dumps(goal, indent=1))
-    png = plot(runs, f"toy suite small, {args.evals} evaluations, {args.seeds} seeds", args.name)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     path = write_json(args.name, settings=settings, info=info,
                       results={"summary": rows, "targets": goal, "runs": runs})
+    try:  # the figure needs the bench extra (matplotlib); the JSON is written first
+        png = plot(runs, f"toy suite small, {args.evals} evaluations, {args.seeds} seeds",
+                   args.name)
+    except ImportError as err:
+        png = f"no figure ({err}; pip install -e .[bench])"
     print(f"wrote {path} and {png}", file=sys.stderr)
     return 0
+
+
+def compared(name: str | None) -> list[dict[str, Any]]:
+    """The summary rows of an earlier results file, labelled as earlier."""
+    if not name:
+        return []
+    path = Path(__file__).parent / "results" / f"{name}.json"
+    rows = json.loads(path.read_text())["results"]["summary"]
+    return [{**r, "method": f"{r['method']} (earlier)"} for r in rows]
 
 
 def _log(r: dict[str, Any]) -> None:

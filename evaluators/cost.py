@@ -1,10 +1,14 @@
 """What a model costs to run: parameter count, decoder layers run, and (optionally) latency.
 
 ``cost/layers`` is the number of decoder layers a token passes through: a model that exposes
-``num_layers_run`` (a data-flow-space path built from reused layers) reports that; any other
-model reports ``config.num_hidden_layers``. ``cost/ms_per_token`` (with ``latency: true``) is
-the median over three timed runs of greedy decoding ``latency_tokens`` tokens at batch 1, after
-one warm-up run; it is a wall-clock time and so varies from run to run.
+``num_layers_run`` reports that; any other model reports ``config.num_hidden_layers``. For a
+data-flow-space (DFS) candidate, whose path model has one decoder layer per slot, that is the
+path length (a layer used twice counts twice), so ``{metric: cost/layers, direction: minimize}``
+beside a quality metric gives a quality/depth Pareto front (``configs/dfs_pareto.yaml``).
+``cost/params`` counts each tensor once, so a layer used twice on a path counts once.
+``cost/ms_per_token`` (with ``latency: true``) is the median over three timed runs of greedy
+decoding ``latency_tokens`` tokens at batch 1, after one warm-up run, for ps and dfs models
+alike; it is a wall-clock time and so varies from run to run.
 
 >>> from evomerge.config import CostEvalConfig
 >>> CostEvaluator(CostEvalConfig(name="cost")).evaluate(model, tokenizer)  # doctest: +SKIP

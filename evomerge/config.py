@@ -194,12 +194,37 @@ def in_range(key: str, value: float) -> bool:
     return above and below and math.isfinite(value)
 
 
+class ScheduleConfig(Strict):
+    """``search.space.schedule``: each searched coefficient is a schedule over depth (see
+    :class:`evomerge.recipe.Schedule`): ``linear`` (2 parameters) or ``piecewise`` with
+    ``knots`` (K >= 2 parameters) per model, parameter and module kind."""
+
+    kind: Literal["linear", "piecewise"]
+    knots: Int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _knots(self) -> ScheduleConfig:
+        if self.kind == "linear" and self.knots is not None:
+            raise KeyedValueError("knots", "a linear schedule has 2 parameters and takes no "
+                                  "knots; drop knots, or use kind: piecewise")
+        if self.kind == "piecewise" and self.knots is None:
+            raise KeyedValueError("knots", "a piecewise schedule needs knots (2 or more), "
+                                  "e.g. {kind: piecewise, knots: 3}")
+        return self
+
+    @property
+    def size(self) -> int:
+        """Parameters per scheduled coefficient."""
+        return 2 if self.knots is None else self.knots
+
+
 class ParameterSpaceConfig(Strict):
     name: Literal["parameter"]
     method: str = "ties"
     per_model: Bool = True
     layer_groups: Int = Field(1, ge=1)
     module_kinds: Bool = False
+    schedule: ScheduleConfig | None = None
     bounds: dict[str, Bounds] = Field(default_factory=dict)
     fixed: dict[str, Any] = Field(default_factory=dict, description="global method parameters")
     non_layer: Literal["first", "base"] = "first"
@@ -207,6 +232,9 @@ class ParameterSpaceConfig(Strict):
     @model_validator(mode="after")
     def _method(self) -> ParameterSpaceConfig:
         _check_method(self.method)
+        if self.schedule is not None and self.layer_groups > 1:
+            raise KeyedValueError("schedule", f"a schedule replaces layer_groups (here "
+                                  f"{self.layer_groups}); drop layer_groups or the schedule")
         spec = METHODS[self.method]
         known = set(spec.model_params) | set(spec.global_params)
         for key, b in self.bounds.items():
@@ -243,20 +271,103 @@ def _check_fixed(key: str, value: Any, *, is_flag: bool) -> None:
 
 
 class DFSSpaceConfig(Strict):
-    """Declared so the name is known; refused until a DFS engine exists."""
+    """Data-flow space (DESIGN.md section 4; :mod:`evomerge.search_spaces.dfs`): a path through
+    the decoder layers of ``models``, their layer sequence repeated ``repeats`` times."""
 
     name: Literal["dfs"]
-    repeats: Int = Field(2, ge=1)
-    max_path_length: Int | None = Field(None, ge=1)
+    models: tuple[str, ...] | None = Field(
+        None, description="the sources taking part, model A first; default: every expert "
+        "(after the recipes)"
+    )
+    recipes: dict[str, str | dict[str, Any]] = Field(
+        default_factory=dict, description="name -> ps recipe (a YAML file or a mapping) whose "
+        "merged model is a source"
+    )
+    repeats: Int = Field(2, ge=1, description="r: the layer sequence is repeated r times")
+    max_path_length: Int | None = Field(None, ge=1, description="most layers on a path")
+    too_long: Literal["fail", "truncate"] = Field(
+        "fail", description="a longer path: a failed trial, or its first max_path_length layers"
+    )
+    scales: Literal["slot", "matrix"] = Field(
+        "slot", description="one scale per slot, or the full M x M transition matrix W"
+    )
     scale_bounds: Bounds = Bounds(low=0.5, high=1.5)
-    embed_from: str | None = None
+    embed_from: str | None = Field(None, description="default: model A")
+    fix_first: Bool = Field(False, description="every path starts with model A's first layer")
+    fix_last: Bool = Field(False, description="every path ends with model A's last layer")
+    num_layers: dict[str, Int] | None = Field(
+        None, description="decoder layers per model; default: read from each config.json"
+    )
 
-    @field_validator("name")
-    @classmethod
-    def _not_yet(cls, value: str) -> str:
-        raise ValueError(
-            "'dfs' is not available yet (no DFS search engine exists); use name: parameter"
-        )
+    @model_validator(mode="after")
+    def _check(self) -> DFSSpaceConfig:
+        b = self.scale_bounds
+        if not b.low <= 1.0 <= b.high or b.low <= 0:
+            raise KeyedValueError(
+                "scale_bounds", f"[{b.low:g}, {b.high:g}] must be positive and contain 1.0 "
+                "(the start path, model A, has every scale 1); e.g. {low: 0.5, high: 1.5}"
+            )
+        for name, recipe in self.recipes.items():
+            if not PLAIN_NAME.fullmatch(name):
+                raise KeyedValueError(f"recipes.{name}", plain_name_message(name))
+            if isinstance(recipe, dict):
+                _check_inline_recipe(f"recipes.{name}", recipe)
+        for name, n in (self.num_layers or {}).items():
+            if n < 1:
+                raise KeyedValueError(f"num_layers.{name}", f"is {n}; give a count >= 1")
+        return self
+
+
+def _check_inline_recipe(key: str, data: dict[str, Any]) -> None:
+    from evomerge.recipe import Recipe, ps_recipe
+
+    try:
+        ps_recipe(Recipe.from_dict(data), user="a dfs source",
+                  fix="give the merged models' folders as its sources")
+    except ValidationError as err:
+        raise KeyedValueError(key, f"is not a ps recipe: {format_validation_error(err)}") from None
+    except ValueError as err:
+        raise KeyedValueError(key, f"is not a ps recipe: {err}") from None
+
+
+def check_dfs_space(
+    space: DFSSpaceConfig, models: ModelsConfig, *, key: str, winner: str | None = None
+) -> None:
+    """The dfs space's names against the job's models: ``models`` (default: the experts),
+    ``embed_from`` and ``num_layers`` name sources; at least two models take part. ``winner``
+    is the name the PS winner takes in phase 2 of a ``search.then`` job."""
+    known = [*models.sources(), *space.recipes, *([winner] if winner else [])]
+    clash = [n for n in [*space.recipes, *([winner] if winner else [])] if n in models.sources()]
+    if clash:
+        raise KeyedValueError(f"{key}.recipes.{clash[0]}", f"{clash[0]!r} is already a model "
+                              "name (models.base / models.experts); rename the recipe")
+    taking = list(space.models or default_dfs_models(space, models, winner=winner))
+    for i, name in enumerate(taking):
+        if name not in known:
+            from evomerge.registry import unknown_name_message
+
+            raise KeyedValueError(f"{key}.models.{i}", unknown_name_message("model", name, known))
+    if len(set(taking)) != len(taking):
+        raise KeyedValueError(f"{key}.models", f"{list(taking)} lists a model twice; list each "
+                              "once (repeats repeats the whole sequence)")
+    if len(taking) < 2:
+        raise KeyedValueError(f"{key}.models", f"{taking} is one model; a dfs path needs 2 or "
+                              "more (list them in models, or add experts)")
+    if space.embed_from is not None and space.embed_from not in taking:
+        raise KeyedValueError(f"{key}.embed_from", f"{space.embed_from!r} is not one of the "
+                              f"models taking part ({', '.join(taking)})")
+    for name in space.num_layers or {}:
+        if name not in taking:
+            raise KeyedValueError(f"{key}.num_layers.{name}", f"{name!r} is not one of the "
+                                  f"models taking part ({', '.join(taking)})")
+
+
+def default_dfs_models(
+    space: DFSSpaceConfig, models: ModelsConfig, *, winner: str | None = None
+) -> tuple[str, ...]:
+    """The models a dfs space takes when ``models`` is not given: the PS winner (phase 2), the
+    recipes, then the experts (not the base)."""
+    return space.models or (*([winner] if winner else []), *space.recipes, *models.experts)
 
 
 SearchSpaceConfig = Annotated[ParameterSpaceConfig | DFSSpaceConfig, Field(discriminator="name")]
@@ -326,6 +437,9 @@ class SearchConfig(Strict):
     baselines: Bool = True
     fidelity: FidelityConfig | None = None
     held_out_top_k: Int = Field(3, ge=0)
+    then: ThenConfig | None = Field(
+        None, description="phase 2: a dfs search over the phase-1 (ps) winner and the models"
+    )
 
 
 class Objective(Strict):
@@ -355,11 +469,38 @@ class Objective(Strict):
         return (self.metric,) if self.metric else tuple(self.weights or {})
 
 
+class ThenConfig(Strict):
+    """Phase 2 of a PS-then-DFS job (:mod:`evomerge.search.phases`): a dfs search whose
+    models include the phase-1 winner (the best ps trial on the fitness split) as ``winner``.
+    Studies ``{name}/ps`` and ``{name}/dfs`` of one run."""
+
+    space: DFSSpaceConfig
+    sampler: SamplerConfig = CmaesConfig(name="cmaes")
+    trials: Int = Field(32, ge=1)
+    baselines: Bool = True
+    fidelity: FidelityConfig | None = None
+    held_out_top_k: Int = Field(3, ge=0)
+    objectives: tuple[Objective, ...] | None = Field(
+        None, min_length=1, description="phase 2's objectives; default: the job's"
+    )
+    winner: str = Field("ps", description="the phase-1 winner's name among the dfs models")
+
+    @field_validator("winner")
+    @classmethod
+    def _plain_winner(cls, value: str) -> str:
+        if not PLAIN_NAME.fullmatch(value):
+            raise ValueError(plain_name_message(value))
+        return value
+
+
 class ResourcesConfig(Strict):
     workers: Int = Field(1, ge=1)
     num_cpus: Float = Field(1.0, gt=0)
     num_gpus: Float = Field(0.0, ge=0)
     torch_threads: Int = Field(1, ge=1)
+    custom_resources: dict[str, Float] = Field(
+        default_factory=dict, description="Ray custom resources per worker, e.g. {node2: 1}"
+    )
     address: str | None = Field(None, description="Ray address; None starts a local Ray")
 
 
@@ -429,11 +570,33 @@ class JobConfig(Strict):
                 "several objectives, or combine the metrics in one objective with 'weights'"
             )
         _check_distinct_metrics(self.evaluators)
+        _check_dfs_job(self)
         return self
 
     @property
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
+
+
+def _check_dfs_job(job: JobConfig) -> None:
+    """A dfs space's model names; a ``search.then`` job: ps first, one winner, samplers that
+    fit phase 2's objectives."""
+    if isinstance(job.search.space, DFSSpaceConfig):
+        check_dfs_space(job.search.space, job.models, key="search.space")
+    then = job.search.then
+    if then is None:
+        return
+    if not isinstance(job.search.space, ParameterSpaceConfig):
+        raise KeyedValueError("search.then", "follows a ps search: set search.space.name: "
+                              "parameter (phase 1), or drop search.then")
+    if len(job.objectives) > 1:
+        raise KeyedValueError("objectives", f"has {len(job.objectives)} objectives, but phase 1 "
+                              "of a search.then job picks one winner; give one objective (put "
+                              "Pareto objectives in search.then.objectives)")
+    check_dfs_space(then.space, job.models, key="search.then.space", winner=then.winner)
+    if len(then.objectives or job.objectives) > 1 and then.sampler.name == "cmaes":
+        raise KeyedValueError("search.then.sampler.name", "cmaes is single-objective; use "
+                              "nsga2 or tpe for several search.then.objectives")
 
 
 def _check_distinct_metrics(evaluators: tuple[Any, ...]) -> None:

@@ -22,9 +22,16 @@ Coefficient values (a *Value*) follow mergekit's conventions:
 - a float: the same value for every tensor;
 - a tuple of floats: one value per layer group; ``G`` groups split the ``L`` decoder layers into
   contiguous blocks, layer ``i`` takes group ``i * G // L``;
-- a mapping ``{"self_attn": v, "mlp": v, "default": v}``: a value per module kind, chosen by
-  substring of the tensor name, first match wins, ``default`` otherwise (each ``v`` a float or a
-  per-group tuple).
+- a schedule over depth ``{"schedule": "linear", "values": [a, b]}`` (layer ``l`` of ``L`` takes
+  ``a + b * l / (L - 1)``, LiNeS) or ``{"schedule": "piecewise", "values": [v0, ..., vK-1]}``
+  (K evenly spaced knots, linear between them), optionally ``"clamp": [low, high]`` (see
+  :class:`Schedule`);
+- a mapping ``{"attention": v, "mlp": v, "default": v}``: a value per module kind, matched by
+  the kind's tensor-name filters (:data:`evomerge.merge.coefficients.KIND_FILTERS`, per
+  architecture), first match wins, ``default`` otherwise (each ``v`` a float, a per-group tuple
+  or a schedule). ``self_attn``, the name before architecture-aware kinds, is still read with
+  its old meaning (tensor names containing ``self_attn``: the attention kind of Llama, Mistral,
+  Qwen2, Gemma and Phi).
 
 Tensors outside the decoder layers (embeddings, final norm, lm_head) follow ``non_layer``:
 ``"first"`` gives them the first layer group's ``default`` value (what mergekit does with a list),
@@ -54,13 +61,46 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.registry import unknown_name_message
 
-LayerValues = tuple[float, ...]
-KindValue = float | LayerValues
-Value = float | LayerValues | dict[str, KindValue]
-ParamValue = bool | int | float | LayerValues | dict[str, KindValue] | str
 Dtype = Literal["float32", "float16", "bfloat16"]
 
-MODULE_KINDS = ("self_attn", "mlp", "default")
+MODULE_KINDS = ("attention", "mlp", "default", "self_attn")  # self_attn: the legacy name
+SCHEDULES = ("linear", "piecewise")
+
+
+class Schedule(BaseModel):
+    """A coefficient as a function of depth instead of one value per layer group.
+
+    ``linear``: ``values = (a, b)``, layer ``l`` of ``L`` takes ``a + b * l / (L - 1)`` (LiNeS,
+    ICLR 2025). ``piecewise``: ``values = (v0, ..., vK-1)``, K >= 2 knots at evenly spaced depths
+    (the first and last layer included), linear between them. ``clamp = (low, high)``: every
+    resolved value is clamped into it (the search space writes its search bounds there). Tensors
+    outside the decoder layers take layer 0's value (see :mod:`evomerge.merge.coefficients`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schedule: Literal["linear", "piecewise"]
+    values: tuple[float, ...]
+    clamp: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Schedule:
+        n = len(self.values)
+        if self.schedule == "linear" and n != 2:
+            raise ValueError(f"a linear schedule takes values [a, b] (2 numbers), got {n}")
+        if self.schedule == "piecewise" and n < 2:
+            raise ValueError(f"a piecewise schedule takes 2 or more knot values, got {n}")
+        if not all(math.isfinite(v) for v in (*self.values, *(self.clamp or ()))):
+            raise ValueError("schedule values and clamp must be finite numbers")
+        if self.clamp is not None and self.clamp[0] > self.clamp[1]:
+            raise ValueError(f"schedule clamp {list(self.clamp)} has low > high; swap them")
+        return self
+
+
+LayerValues = tuple[float, ...]
+KindValue = float | LayerValues | Schedule
+Value = float | LayerValues | Schedule | dict[str, KindValue]
+ParamValue = bool | int | float | LayerValues | Schedule | dict[str, KindValue] | str
 KINDS = ("ps", "dfs")
 
 
@@ -164,6 +204,18 @@ class Recipe(_RecipeBase):
     seed: int = 0
     dfs: DFSPath | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _check_schedules(cls, data: Any) -> Any:
+        """A malformed schedule as one line naming its key (not pydantic's union report)."""
+        if isinstance(data, Mapping):
+            places = [(f"models.{m}", p) for m, p in (data.get("models") or {}).items()]
+            for where, params in [*places, ("parameters", data.get("parameters"))]:
+                if isinstance(params, Mapping):
+                    for key, value in params.items():
+                        _check_schedule(f"{where}.{key}", value)
+        return data
+
     @model_validator(mode="after")
     def _check_names(self) -> Recipe:
         if self.base_model is not None and self.base_model not in self.sources:
@@ -243,6 +295,24 @@ def ps_recipe(recipe: Any, *, user: str, fix: str) -> Recipe:
 Source = str | Recipe  # a local path or hub id, or an inline ps recipe (its merged model)
 
 
+def _check_schedule(where: str, value: Any) -> None:
+    from pydantic import ValidationError
+
+    subs = value.items() if isinstance(value, Mapping) and "schedule" not in value else []
+    for kind, sub in subs:
+        _check_schedule(f"{where}.{kind}", sub)
+    if isinstance(value, Mapping) and "schedule" in value:
+        try:
+            Schedule.model_validate(value)
+        except ValidationError as err:
+            e = err.errors()[0]
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{where}{'.' + loc if loc else ''}: {msg}; a schedule is "
+                             "{schedule: linear, values: [a, b]} or {schedule: piecewise, "
+                             "values: [v0, v1, ...]}") from None
+
+
 def _check_value(where: str, value: Any) -> None:
     if isinstance(value, dict):
         unknown = set(value) - set(MODULE_KINDS)
@@ -250,6 +320,9 @@ def _check_value(where: str, value: Any) -> None:
             raise ValueError(
                 f"{where} has unknown module kind(s) {sorted(unknown)}; allowed: {MODULE_KINDS}"
             )
+        if {"attention", "self_attn"} <= set(value):
+            raise ValueError(f"{where} gives both 'attention' and its legacy name 'self_attn'; "
+                             "keep 'attention'")
     elif isinstance(value, tuple) and not value:
         raise ValueError(f"{where} is an empty list; give at least one value")
 

@@ -13,6 +13,7 @@ __all__ = ["EVALUATORS", "MERGE_METHODS", "SAMPLERS", "SEARCH_SPACES"]
 
 SEARCH_SPACES = Registry("search space")
 SEARCH_SPACES.register("parameter", "evomerge.search_spaces.parameter:ParameterSpace")
+SEARCH_SPACES.register("dfs", "evomerge.search_spaces.dfs:DFSSpace")
 
 EVALUATORS = Registry("evaluator")
 EVALUATORS.register("entropy", "evomerge.evaluators.entropy:EntropyEvaluator")

@@ -22,7 +22,7 @@ import yaml
 
 from evomerge import cli
 from evomerge.search import driver
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_arch, make_tiny_llama
 
 Build = Callable[[dict[str, str]], Any]
 ROWS = [{"prompt": f"{w}>", "answer": w[::-1]} for w in ("abc", "de", "fgh", "ij")]
@@ -67,6 +67,9 @@ def make_assets(root: Path, tiny: dict[str, Path]) -> dict[str, str]:
     _save(same, tok, m / "sharded_gap", max_shard_size="40KB")
     next(iter(sorted((m / "sharded_gap").glob("model-*.safetensors")))).unlink()
     _save(make_tiny_llama(seed=3, num_hidden_layers=2)[0], tok, m / "shallow")
+    _save(make_tiny_llama(seed=4, hidden_size=64, num_attention_heads=8,  # same head size
+                          num_key_value_heads=4)[0], tok, m / "hidden64")
+    _save(make_tiny_arch("qwen2_tied", seed=5)[0], tok, m / "qwen2")
     cfg = MistralConfig(**{k: getattr(same.config, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "num_key_value_heads")}, tie_word_embeddings=False)
@@ -162,6 +165,16 @@ def space(**kw: Any) -> Build:
     return set_("search.space", {"name": "parameter", **kw})
 
 
+def dfs(**kw: Any) -> Build:
+    return set_("search.space", {"name": "dfs", **kw})
+
+
+def dfs_with(asset: str, **kw: Any) -> Build:
+    """A dfs search whose expert ``b`` is the model ``asset``."""
+    return merged(lambda c, a: c["models"]["experts"].update(b={"path": a[asset]}),
+                  lambda c, a: c["search"].update(space={"name": "dfs", **kw}))
+
+
 def yaml_text(text: str) -> Build:
     """Raw YAML: the good config's models section appended, so only the text's flaw matters."""
     return lambda a: text.replace("RUN_DIR", a["run_dir"]).replace("BASE", a["base"])
@@ -198,8 +211,24 @@ CASES: list[tuple[str, str, Build, str]] = [
     ("schema", "unknown_sampler", set_("search.sampler", {"name": "cmaess"}),
      "search.sampler.name: unknown name 'cmaess'"),
     ("schema", "unknown_method", space(method="tie"), "unknown merge method 'tie'"),
-    ("schema", "dfs_space", set_("search.space", {"name": "dfs"}),
-     "search.space.name: 'dfs' is not available yet"),
+    ("range", "dfs_repeats_zero", dfs(repeats=0),
+     "search.space.repeats: Input should be greater than or equal to 1"),
+    ("range", "dfs_max_path_zero", dfs(max_path_length=0),
+     "search.space.max_path_length: Input should be greater than or equal to 1"),
+    ("schema", "dfs_one_model", dfs(models=["a"]), "search.space.models: ['a'] is one model"),
+    ("schema", "dfs_unknown_model", dfs(models=["a", "z"]),
+     "search.space.models.1: unknown model 'z'"),
+    ("schema", "then_after_dfs", merged(lambda c, a: c["search"].update(
+        space={"name": "dfs"}, then={"space": {"name": "dfs"}})),
+     "search.then: follows a ps search"),
+    ("shapes", "dfs_hidden_size", dfs_with("hidden64"),
+     "models.experts.b.path: model 'b' has hidden_size 64 but 'a' (model A) has 32"),
+    ("shapes", "dfs_architecture", dfs_with("qwen2"),
+     "models.experts.b.path: model 'b' has architecture qwen2 Qwen2ForCausalLM but 'a'"),
+    ("shapes", "dfs_unsupported_type", dfs_with("mistral"),
+     "models.experts.b.path: model 'b' is a 'mistral' model; the dfs engine chains"),
+    ("shapes", "dfs_path_below_start", dfs(max_path_length=3),
+     "search.space.max_path_length: 3 is below the start path, model A ('a') with 4 layers"),
     ("schema", "missing_models", set_("models", lambda a: DROP), "models: is required"),
     ("schema", "missing_objectives", set_("objectives", lambda a: DROP),
      "objectives: is required"),
@@ -371,6 +400,23 @@ CASES: list[tuple[str, str, Build, str]] = [
      "objectives: needs at least 1 item(s), got 0"),
     ("objectives", "direction_typo", set_("objectives.0.direction", "maximise"),
      "objectives.0.direction: Input should be 'maximize' or 'minimize'"),
+    # layer schedules (issue 12)
+    ("schema", "schedule_unknown_kind", space(schedule={"kind": "cubic"}),
+     "search.space.schedule.kind: Input should be 'linear' or 'piecewise'"),
+    ("schema", "schedule_unknown_key", space(schedule={"kind": "linear", "knot": 3}),
+     "search.space.schedule: unknown key 'knot'. Did you mean 'knots'"),
+    ("schema", "schedule_piecewise_no_knots", space(schedule={"kind": "piecewise"}),
+     "search.space.schedule.knots: a piecewise schedule needs knots"),
+    ("schema", "schedule_linear_knots", space(schedule={"kind": "linear", "knots": 4}),
+     "search.space.schedule.knots: a linear schedule has 2 parameters"),
+    ("schema", "schedule_with_layer_groups", space(schedule={"kind": "linear"}, layer_groups=2),
+     "search.space.schedule: a schedule replaces layer_groups"),
+    ("types", "schedule_knots_string", space(schedule={"kind": "piecewise", "knots": "3"}),
+     "search.space.schedule.knots: expected an integer, got '3'"),
+    ("range", "schedule_one_knot", space(schedule={"kind": "piecewise", "knots": 1}),
+     "search.space.schedule.knots: Input should be greater than or equal to 2"),
+    ("shapes", "schedule_knots_above_layers", space(schedule={"kind": "piecewise", "knots": 6}),
+     "search.space.schedule.knots: 6 but the models have 4 layers; use at most 4"),
 ]
 NEEDS_LOCAL_MACHINE = {"gpus_unavailable", "cpus_oversubscribed", "cuda_unavailable",
                        "cuda_index"}

@@ -133,3 +133,25 @@ def test_cost_latency(lm):
 def test_cost_of_an_unknown_module():
     with pytest.raises(TypeError, match="num_layers_run"):
         CostEvaluator(CostEvalConfig(name="cost")).evaluate(torch.nn.Linear(2, 2), None)
+
+
+def test_cost_of_a_dfs_path(tiny_models):
+    """A DFS candidate reports its path length (a layer used twice counts twice), its distinct
+    parameters once, and a latency per token of its own (it generates with one cache entry per
+    slot)."""
+    from evomerge.dfs.engine import DFSEngine
+    from evomerge.recipe import DFSRecipe
+
+    sources = {"a": str(tiny_models["a"]), "b": str(tiny_models["b"])}
+    engine = DFSEngine(sources)
+    recipe = DFSRecipe(sources=sources, layers=[("a", 0), ("b", 1), ("a", 0), ("a", 3)],
+                       scales=[1.0, 0.9, 1.1, 1.0], embed_from="a")
+    model, tok = engine.apply(recipe)
+    cfg = CostEvalConfig(name="cost", latency=True, latency_tokens=4)
+    out = CostEvaluator(cfg).evaluate(model, tok)
+    assert out["cost/layers"] == 4.0
+    src = engine.loaded["a"].model
+    layer = sum(p.numel() for p in src.model.layers[0].parameters())
+    outside = sum(p.numel() for p in src.parameters()) - 4 * layer  # embeddings, norm, head
+    assert out["cost/params"] == float(outside + 3 * layer)  # a0, b1, a3: three distinct layers
+    assert math.isfinite(out["cost/ms_per_token"]) and out["cost/ms_per_token"] > 0

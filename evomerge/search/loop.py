@@ -89,11 +89,26 @@ class Loop:
         return self.done + len(self.pool.inflight) < self.job.search.trials
 
     def _fill(self) -> None:
+        from evomerge.search_spaces.dfs import InvalidCandidate
+
         while self.pool.idle and self._room():
             trial = self.study.ask(self.dists)
-            recipe = self.space.decode(trial.params)
+            try:
+                recipe = self.space.decode(trial.params)
+            except InvalidCandidate as err:  # no model to evaluate: a failed trial, with why
+                self._reject(trial, f"{type(err).__name__}: {err}")
+                continue
             trial.set_user_attr("recipe", recipe.to_dict())
             self._submit(Candidate(trial, recipe))
+
+    def _reject(self, trial: optuna.trial.Trial, error: str) -> None:
+        """Fail a point that decodes to no candidate; it does not count toward the failure
+        streak, which is about broken workers and evaluators."""
+        trial.set_user_attr("error", error)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.done += 1
+        self.on_event(self.tracker.finished(trial.number, TrialState.FAIL, None, error,
+                                            done=self.done))
 
     def _submit(self, cand: Candidate) -> None:
         self.pool.submit(cand, "evaluate", cand.recipe.to_json(), self.fractions[cand.rung])

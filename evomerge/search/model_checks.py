@@ -143,7 +143,12 @@ def _ask_hub(key: str, repo: str, revision: str | None, at: str) -> None:
 
 
 def _check_agreement(job: JobConfig, infos: dict[str, ModelInfo]) -> None:
-    """Same architecture and tensors as the anchor (the base, else the first expert)."""
+    """Same architecture and tensors as the anchor (the base, else the first expert); for a
+    dfs search, layers that can be chained (:mod:`evomerge.search.dfs_checks`)."""
+    if job.search.space.name == "dfs":
+        from evomerge.search.dfs_checks import check_dfs_models
+
+        return check_dfs_models(job, infos)
     anchor = next(iter(job.models.sources()))
     ref = infos.get(anchor)
     if ref is None:
@@ -163,6 +168,7 @@ def _check_agreement(job: JobConfig, infos: dict[str, ModelInfo]) -> None:
             except ValueError as err:
                 raise ConfigError(f"{info.key}: {err}") from None
     _check_layer_groups(job, ref.config)
+    _check_module_kinds(job, ref)
 
 
 def _arch(config: dict[str, Any]) -> tuple[Any, tuple[Any, ...]]:
@@ -179,4 +185,40 @@ def _check_layer_groups(job: JobConfig, config: dict[str, Any]) -> None:
         raise ConfigError(
             f"search.space.layer_groups: {groups} but the models have {layers} layers; use at "
             f"most {layers}"
+        )
+    knots = getattr(getattr(job.search.space, "schedule", None), "knots", None)
+    if isinstance(layers, int) and knots is not None and knots > layers:
+        raise ConfigError(
+            f"search.space.schedule.knots: {knots} but the models have {layers} layers; use at "
+            f"most {layers}"
+        )
+
+
+def _check_module_kinds(job: JobConfig, ref: ModelInfo) -> None:
+    """With ``module_kinds``, every kind must take the value of some tensor of the models."""
+    from evomerge.merge.coefficients import (
+        ARCHITECTURES,
+        KIND_FILTERS,
+        SEARCH_KINDS,
+        assign_kinds,
+        layer_index,
+    )
+
+    space = job.search.space
+    if not getattr(space, "module_kinds", False) or ref.shapes is None:
+        return
+    names = [n for n in ref.shapes
+             if space.non_layer == "first" or layer_index(n) is not None]  # type: ignore[union-attr]
+    for kind, matched in assign_kinds(SEARCH_KINDS, names).items():
+        if matched:
+            continue
+        model_type = ref.config.get("model_type")
+        sample = next((n for n in names if layer_index(n) == 0), "?")
+        known = ARCHITECTURES.get(str(model_type), {}).get(kind)
+        why = (f"evomerge matches {kind} by {list(KIND_FILTERS.get(kind, ()))}"
+               if known is None else f"{model_type} names it {known!r}")
+        raise ConfigError(
+            f"search.space.module_kinds: kind {kind!r} matches no tensor of {ref.key} "
+            f"(model_type {model_type}, layer tensors like {sample!r}; {why}), so its "
+            "coefficients would do nothing; set module_kinds: false"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from evomerge.config import JobConfig
 from evomerge.search.journal import DiskFullError
 from evomerge.search.storage import (
     close_storage,
+    lock_study,
     open_storage,
     save_job,
     study_exists,
@@ -35,8 +37,12 @@ def open_study(
     resume: bool,
     storage_url: str | None = None,
     fsync: bool = False,
+    phase: str | None = None,
 ) -> optuna.Study:
     """Create the study, or load it with ``resume``; refuse to silently mix two runs.
+
+    ``phase`` (a phase of a ``search.then`` job): the study is ``{name}/{phase}`` and the run's
+    ``job.yaml`` (the whole job, written by :mod:`evomerge.search.phases`) is left alone.
 
     A journal file is opened for writing by this process alone (a second driver on the same
     run fails with :class:`evomerge.search.journal.JournalLockedError`) until :func:`close_study`;
@@ -46,7 +52,8 @@ def open_study(
         storage_url or job.storage, job.resolved_run_dir, writer=True, fsync=fsync
     )
     try:
-        return _open_study(job, storage, sampler=sampler, resume=resume, where=storage_url)
+        return _open_study(job, storage, sampler=sampler, resume=resume, where=storage_url,
+                           phase=phase)
     except BaseException:
         close_storage(storage)
         raise
@@ -64,19 +71,22 @@ def _open_study(
     sampler: optuna.samplers.BaseSampler,
     resume: bool,
     where: str | None,
+    phase: str | None = None,
 ) -> optuna.Study:
     run_dir = job.resolved_run_dir
-    exists = study_exists(storage, job.name)
+    name = f"{job.name}/{phase}" if phase else job.name
+    lock_study(storage, name)  # PostgreSQL: one driver per study (a journal is locked already)
+    exists = study_exists(storage, name)
     if exists and not resume:
-        n = len(optuna.load_study(study_name=job.name, storage=storage).trials)
+        n = len(optuna.load_study(study_name=name, storage=storage).trials)
         if n:
             raise FileExistsError(
-                f"study {job.name!r} already has {n} trials in {where or run_dir}; "
+                f"study {name!r} already has {n} trials in {where or run_dir}; "
                 "pass --resume to continue it, or change 'name'/'run_dir' to start a new one"
             )
     pruner = _pruner(job)
     study = optuna.create_study(
-        study_name=job.name,
+        study_name=name,
         storage=storage,
         sampler=sampler,
         pruner=pruner,
@@ -86,7 +96,13 @@ def _open_study(
     if exists:
         _check_same_directions(study, job)
     save_job(study, job.model_dump(mode="json"))
+    with warnings.catch_warnings():  # experimental since optuna 3.2, stable in use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.label for o in job.objectives])  # named in optuna-dashboard
+    save_dashboard_note(study, job)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if phase:
+        return study
     path = run_dir / "job.yaml"
     try:
         path.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
@@ -95,6 +111,49 @@ def _open_study(
             raise DiskFullError(path) from None
         raise
     return study
+
+
+def save_dashboard_note(study: optuna.Study, job: JobConfig) -> None:
+    """optuna-dashboard's study note: the job as YAML (its attribute view cuts values at 1024
+    characters) and the held-out and reference scores stored so far; each held-out trial gets
+    a note with its scores. Written only where optuna-dashboard is installed."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    from evomerge.search.heldout import stored_held_out
+
+    held = stored_held_out(study)
+    refs = {k: v for k, v in study.user_attrs.items() if k.startswith("reference:")}
+    text = yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+    body = f"## evomerge job `{job.name}`\n\n```yaml\n{text}```\n"
+    if held:
+        body += "\n## Held-out scores\n\n" + _md_table({f"trial {n}": e for n, e in held.items()})
+    if refs:
+        body += "\n## Reference merges\n\n" + _md_table(refs)
+    save_note(study, body)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number, entry in held.items():
+        if number in trials:
+            live = optuna.trial.Trial(study, trials[number]._trial_id)
+            save_note(live, "## Held-out scores\n\n" + _md_table({f"trial {number}": entry}))
+
+
+def _md_table(entries: Mapping[str, Any]) -> str:
+    """A markdown table: one row per entry, one column per metric (or the error)."""
+    def metrics(e: Any) -> dict[str, Any]:
+        m = e.get("metrics", e) if isinstance(e, dict) else {}
+        held = e.get("held_out", {}) if isinstance(e, dict) else {}
+        out = {k: v for k, v in m.items() if k not in ("held_out", "error", "nonfinite")}
+        return {**out, **{f"held_out:{k}": v for k, v in held.items() if k != "error"}}
+
+    cols = sorted({k for e in entries.values() for k in metrics(e)})
+    lines = ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, e in entries.items():
+        m = metrics(e)
+        cells = [f"{m[c]:.4g}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _pruner(job: JobConfig) -> optuna.pruners.BasePruner:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,12 @@ from evomerge.config import JobConfig
 from evomerge.engines import Engine, engine_factory
 from evomerge.recipe import Recipe
 
-SEARCH_KIND = "ps"  # the kind every search space and AdaMerging produce in this version
+SEARCH_KIND = "ps"  # the kind the parameter space and AdaMerging produce
+
+
+def search_kind(job: JobConfig) -> str:
+    """The recipe kind the job's search space produces (its engine is built at start)."""
+    return "dfs" if job.search.space.name == "dfs" else SEARCH_KIND
 
 
 class MergeWorker:
@@ -38,7 +44,7 @@ class MergeWorker:
         torch.set_num_threads(self.job.resources.torch_threads)
         t0 = time.perf_counter()
         self.engines: dict[str, Engine] = {}
-        self.engine(SEARCH_KIND)  # at start, as the pool expects: a bad model fails the worker
+        self.engine(search_kind(self.job))  # at start, as the pool expects: a bad model fails
         self.evaluators = [build_evaluator(cfg) for cfg in self.job.evaluators]
         self._held_out: list[Any] | None = None
         self.load_s = time.perf_counter() - t0
@@ -46,12 +52,13 @@ class MergeWorker:
     def engine(self, kind: str) -> Engine:
         """The engine for recipe kind ``kind``, built from the job on first use."""
         if kind not in self.engines:
-            self.engines[kind] = engine_factory(kind).from_job(self.job)
+            self.engines[kind] = _build_engine(self.job, kind)
         return self.engines[kind]
 
     def ping(self) -> dict[str, Any]:
-        layers = self.engine(SEARCH_KIND).num_layers
-        return {"pid": os.getpid(), "load_s": self.load_s, "num_layers": layers}
+        layers = self.engine(search_kind(self.job)).num_layers
+        info = {"pid": os.getpid(), "load_s": self.load_s, "num_layers": layers}
+        return {**info, "node": _node_id(), "host": socket.gethostname()}
 
     def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
         return self._run(recipe_json, self.evaluators, fraction)
@@ -80,6 +87,24 @@ class MergeWorker:
             metrics.update(ev.evaluate(model, tokenizer, limit=_limit(ev, fraction)))
         t2 = time.perf_counter()
         return {"metrics": metrics, "merge_s": t1 - t0, "eval_s": t2 - t1, "pid": os.getpid()}
+
+
+def _node_id() -> str | None:
+    """The Ray node this worker runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _build_engine(job: JobConfig, kind: str) -> Engine:
+    """The engine of ``kind`` over the job's models; a dfs search's over its space's sources
+    (the models taking part and its recipes, e.g. the PS winner of phase 1)."""
+    factory = engine_factory(kind)
+    if kind == "dfs" and job.search.space.name == "dfs":
+        from evomerge.search_spaces.dfs import pool_recipe
+
+        return factory.from_recipe(pool_recipe(job.search.space, job.models), load=job.load)
+    return factory.from_job(job)
 
 
 def _limit(evaluator: Any, fraction: float) -> int | None:
@@ -114,5 +139,6 @@ def worker_actor_class(job: JobConfig, cls: type = MergeWorker) -> Any:
 
     res = job.resources
     return ray.remote(
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=-1, max_task_retries=0
+        num_cpus=res.num_cpus, num_gpus=res.num_gpus, resources=dict(res.custom_resources),
+        max_restarts=-1, max_task_retries=0,
     )(cls)
