@@ -231,3 +231,31 @@ def test_a_job_whose_models_are_missing_is_refused_before_it_starts(server):
     assert body["detail"]["key"].startswith("models."), body
     assert not (root / "runs" / "missing-models").exists()
     assert not (root / "runs" / ".evomerge-service" / "missing-models").exists()
+
+
+def test_a_dfs_space_recipe_outside_the_roots_is_refused(tmp_path):
+    inline = {"method": "linear", "sources": {"p": "/etc/model"}, "models": {"p": {"weight": 1}}}
+    data = job_data(tmp_path)
+    data["search"] = {"space": {"name": "dfs", "models": ["x", "a", "b"],
+                                "recipes": {"x": inline}},
+                      "sampler": {"name": "random"}, "trials": 4}
+    policy = Policy(token=TOKEN, runs=tmp_path / "runs", roots=(tmp_path,))
+    with pytest.raises(Refused) as err:
+        check_job(parse_job(data), policy)
+    assert err.value.key == "search.space.recipes.x.sources.p"
+    data["search"]["space"]["recipes"] = {"x": "/etc/recipe.yaml"}
+    with pytest.raises(Refused) as err:
+        check_job(parse_job(data), policy)
+    assert err.value.key == "search.space.recipes.x"
+
+
+def test_a_phased_job_is_refused_with_the_way_to_run_it(tmp_path):
+    data = job_data(tmp_path)
+    data["search"] = {"space": {"name": "parameter", "method": "ties"},
+                      "sampler": {"name": "random"}, "trials": 4,
+                      "then": {"space": {"name": "dfs", "models": ["ps", "a", "b"]},
+                               "sampler": {"name": "random"}, "trials": 4}}
+    with pytest.raises(Refused) as err:
+        check_job(parse_job(data), Policy(token=TOKEN, runs=tmp_path / "runs",
+                                          roots=(tmp_path,)))
+    assert err.value.key == "search.then" and "evomerge search" in str(err.value)

@@ -83,6 +83,10 @@ def check_job(job: JobConfig, policy: Policy) -> None:
     if job.resources.address is not None:
         raise Refused("resources.address", "is set; this server chooses where jobs run "
                       "(--ray-address of `evomerge serve`): remove the key")
+    if job.search.then is not None:
+        raise Refused("search.then", "is set; a PS-then-DFS job runs two studies, which this "
+                      "version of the service does not show yet: run it with `evomerge search "
+                      "JOB.yaml`, or submit the PS search and the DFS search as two jobs")
     roots = policy.all_roots()
     for key, value, hub in _paths(job):
         _check_path(key, value, roots, hub_ok=hub)
@@ -103,6 +107,14 @@ def _paths(job: JobConfig) -> Iterator[tuple[str, str, bool]]:
                 yield f"evaluators.{i}.{attr}", value, False
     if job.toy_suite is not None:
         yield "toy_suite.dir", job.toy_suite.dir, False
+    for name, recipe in getattr(job.search.space, "recipes", {}).items():  # a dfs space's
+        key = f"search.space.recipes.{name}"
+        if isinstance(recipe, str):  # a recipe YAML on this filesystem
+            yield key, recipe, False
+        else:
+            for source, where in dict(recipe.get("sources", {})).items():
+                if isinstance(where, str):
+                    yield f"{key}.sources.{source}", where, True
 
 
 def _check_path(key: str, value: str, roots: Sequence[Path], *, hub_ok: bool) -> None:
