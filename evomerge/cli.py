@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from evomerge import __version__
 
 RUN_HELP = "run folder (or the job YAML); not needed with --storage and --study"
 STUDY_HELP = "open the run by --storage URL and this study name alone (the job stored in it)"
+JOB_HELP = "the job config YAML (see README: Job config reference)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,31 +21,37 @@ def _parser() -> argparse.ArgumentParser:
         prog="evomerge", description="Search model-merge recipes (PS, DFS, AdaMerging)."
     )
     p.add_argument("--version", action="version", version=f"evomerge {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="run `evomerge COMMAND --help` for its arguments")
 
     toy = sub.add_parser("toy", help="the toy suite (tiny models built locally)")
-    toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True, metavar="ACTION",
+                                 help="build: build the suite")
     tb = toy_sub.add_parser("build", help="build the toy suite into DIR (cached)")
-    tb.add_argument("dir", type=Path)
-    tb.add_argument("--size", choices=["tiny", "small"], default="small")
+    tb.add_argument("dir", type=Path, help="the folder to build it in (kept if valid)")
+    tb.add_argument("--size", choices=["tiny", "small"], default="small",
+                    help="tiny: 2-layer models for tests; small: the quickstart's (default)")
     tb.add_argument("--force", action="store_true", help="rebuild even if DIR is valid")
 
     mg = sub.add_parser("merge", help="apply a recipe YAML and write a Hugging Face folder")
-    mg.add_argument("recipe", type=Path)
-    mg.add_argument("out", type=Path)
-    mg.add_argument("--device", default="cpu")
+    mg.add_argument("recipe", type=Path, help="a recipe YAML (`evomerge export --format "
+                    "recipe` writes one)")
+    mg.add_argument("out", type=Path, help="the Hugging Face folder to write")
+    mg.add_argument("--device", default="cpu", help="where to merge: cpu (default), cuda, "
+                    "cuda:N, mps")
     mg.add_argument("--allow-pickle", action="store_true", help="allow .bin checkpoints")
     mg.add_argument("--force", action="store_true", help="replace OUT if it is an earlier export")
 
     se = sub.add_parser("search", help="run a search job to its budget")
-    se.add_argument("job", type=Path)
+    se.add_argument("job", type=Path, help=JOB_HELP)
     se.add_argument("--resume", action="store_true", help="continue the job's existing study")
     se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     se.add_argument("--storage", help="Optuna storage URL (default: journal file in run_dir)")
-    se.add_argument("--no-progress", action="store_true")
+    se.add_argument("--no-progress", action="store_true", help="draw no progress bar (for "
+                    "log files and CI)")
 
     va = sub.add_parser("validate", help="check a job config and print it resolved")
-    va.add_argument("job", type=Path)
+    va.add_argument("job", type=Path, help=JOB_HELP)
     va.add_argument("--address", help="the Ray cluster it will run on (skips this machine's "
                     "device checks)")
 
@@ -55,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         if name == "results":
             r.add_argument("--csv", type=Path, help="also write the table as CSV")
             r.add_argument("--parquet", type=Path, help="also write the table as parquet")
+            view = r.add_mutually_exclusive_group()
+            view.add_argument("--all", action="store_true", help="print every column (the "
+                              "default view fits 100 columns; CSV/parquet always hold all)")
+            view.add_argument("--summary", action="store_true", help="print the run summary "
+                              "(best, baselines, references, experts alone) instead")
 
     ex = sub.add_parser("export", help="export trials as mergekit YAML, HF folder or recipe")
     ex.add_argument("run", type=Path, nargs="?", help=RUN_HELP)
@@ -68,14 +81,35 @@ def _parser() -> argparse.ArgumentParser:
         help="export every Pareto-optimal trial into OUT/ with an index.csv",
     )
     ex.add_argument(
-        "--format", dest="fmt", choices=["mergekit", "hf", "recipe"], default="mergekit"
+        "--format", dest="fmt", choices=["mergekit", "hf", "recipe"], default="mergekit",
+        help="mergekit: a mergekit YAML (default); hf: a Hugging Face model folder; recipe: "
+        "the evomerge recipe YAML",
     )
     ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ex.add_argument("--storage", help="Optuna storage URL if not the run's journal")
     ex.add_argument("--study", help=STUDY_HELP)
 
+    sv = sub.add_parser("serve", help="web service and dashboard over the runs' storage")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    sv.add_argument("--runs", type=Path, default=Path("runs"), help="the runs folder")
+    sv.add_argument("--storage", help="one Optuna storage URL for every job (default: a "
+                    "journal file in each job's run folder)")
+    sv.add_argument("--ray-address", help="submit jobs to this Ray cluster (Ray Jobs API, "
+                    "e.g. http://HEAD:8265); default: one local process per job")
+    sv.add_argument("--allow-root", action="append", type=Path, metavar="DIR",
+                    help="a folder jobs may read models and data from (repeatable; default: "
+                    "the current folder); the runs folder is always allowed")
+    sv.add_argument("--token-for-reads", action="store_true", help="require the token for "
+                    "reads too")
+    sv.add_argument("--allow-unsafe-loading", action="store_true", help="let jobs set "
+                    "load.allow_pickle / load.trust_remote_code")
+    sv.add_argument("--max-body", type=int, help="request body cap in bytes (default 1 MiB)")
+    sv.add_argument("--optuna-dashboard-port", type=int, help="also start optuna-dashboard "
+                    "over --storage on this port")
+
     ad = sub.add_parser("adamerge", help="AdaMerging: learn coefficients by entropy descent")
-    ad.add_argument("job", type=Path)
+    ad.add_argument("job", type=Path, help=JOB_HELP)
     ad.add_argument("--out", type=Path, help="write the learned recipe YAML here")
     return p
 
@@ -125,10 +159,11 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from evomerge.config import load_job
-    from evomerge.runs.results import best_trials
+    from evomerge.runs.summary import run_summary
     from evomerge.search.driver import run_search
 
     job = load_job(args.job)
+    started = time.monotonic()
     study = run_search(
         job,
         resume=args.resume,
@@ -136,11 +171,12 @@ def _search(args: argparse.Namespace) -> int:
         storage_url=args.storage,
         progress=not args.no_progress,
     )
-    best = best_trials(study, job)
-    print(f"done: {len(study.trials)} trials in {job.resolved_run_dir}")
-    for t in best:
-        values = dict(zip([o.label for o in job.objectives], t.values, strict=True))
-        print(f"  trial {t.number}: {values}")
+    if job.search.then is not None:  # PS then DFS: the phase-2 study, with its own job
+        from evomerge.search.phases import stored_job
+
+        job = stored_job(study)
+    run = f"--storage {args.storage} --study {study.study_name}" if args.storage else None
+    print(run_summary(study, job, run=run, total_s=time.monotonic() - started))
     return 0
 
 
@@ -160,14 +196,31 @@ def _validate(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from evomerge.runs.results import open_run, results_frame
+    from evomerge.runs.results import open_run, results_frame, run_studies
+    from evomerge.runs.summary import results_view, run_summary
 
-    study, job = open_run(args.run, storage_url=args.storage, study_name=args.study)
-    df = results_frame(study, job)
-    with pd.option_context(
-        "display.max_rows", 500, "display.width", 200, "display.max_columns", 50
-    ):
-        print(df.drop(columns=["error"], errors="ignore"))
+    if args.study is None and args.run is not None:  # every study of the run (PS then DFS: 2)
+        studies = run_studies(args.run, storage_url=args.storage)
+    else:
+        studies = [open_run(args.run, storage_url=args.storage, study_name=args.study)]
+    frames = []
+    for study, job in studies:
+        frames.append(results_frame(study, job))
+        if len(studies) > 1:
+            print(f"== study {study.study_name} ==")
+        if args.summary:
+            print(run_summary(study, job, run=None if args.run else
+                              f"--storage {args.storage} --study {study.study_name}"))
+        elif not args.all:
+            print(results_view(frames[-1], job))
+        else:
+            with pd.option_context(
+                "display.max_rows", 500, "display.width", 200, "display.max_columns", 500
+            ):
+                print(frames[-1].drop(columns=["error"], errors="ignore"))
+    df = frames[0] if len(frames) == 1 else pd.concat(
+        frames, keys=[s.study_name for s, _ in studies], names=["study"]
+    ).reset_index("study")  # a column, so the index stays the trial
     if args.csv:
         df.to_csv(args.csv)
     if args.parquet:  # trial numbers and reference names share the index: store it as text
@@ -206,6 +259,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from evomerge.service.serve import serve
+
+    return serve(args)
+
+
 def _adamerge(args: argparse.Namespace) -> int:
     from evomerge.config import load_job
     from evomerge.search.adamerging import run_adamerging
@@ -227,4 +286,5 @@ _COMMANDS = {
     "best": _best,
     "adamerge": _adamerge,
     "export": _export,
+    "serve": _serve,
 }

@@ -460,9 +460,14 @@ class Objective(Strict):
 
     @property
     def label(self) -> str:
+        """What the objective is, in words a reader does not misread as a sum: the metric, or
+        ``mean(a, b)`` (equal weights), or ``weighted_mean(a=2, b=1)``."""
         if self.metric is not None:
             return self.metric
-        return "+".join(f"{w:g}*{m}" for m, w in (self.weights or {}).items())
+        weights = self.weights or {}
+        if len(set(weights.values())) <= 1:
+            return f"mean({', '.join(weights)})"
+        return f"weighted_mean({', '.join(f'{m}={w:g}' for m, w in weights.items())})"
 
     @property
     def metrics(self) -> tuple[str, ...]:

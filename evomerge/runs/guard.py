@@ -56,6 +56,7 @@ def atomic(out: Path, *, force: bool, protect: Sequence[tuple[Path, str]] = (),
             raise ValueError(f"cannot write {str(out)!r}: {err}; choose a writable "
                              "location") from None
         yield tmp
+        _umask_modes(tmp)
         _replace(tmp, out)
         done = True
     finally:
@@ -64,6 +65,27 @@ def atomic(out: Path, *, force: bool, protect: Sequence[tuple[Path, str]] = (),
             for folder_ in created:  # innermost first
                 with contextlib.suppress(OSError):
                     folder_.rmdir()
+
+
+def _umask_modes(tmp: Path) -> None:
+    """Give every file and folder written under ``tmp`` the mode the umask allows (644 / 755
+    under umask 022): transformers writes ``model.safetensors`` through a 600 temporary file,
+    which other users of a shared machine could not read."""
+    umask = _umask()
+    paths = [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]
+    for path in paths:
+        if path.exists() and not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux (setting it to read it races other threads)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _replace(tmp: Path, out: Path) -> None:

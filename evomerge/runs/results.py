@@ -40,12 +40,13 @@ def open_run(
         if storage_url is None or study_name is None:
             raise ValueError("give a run folder (or job YAML), or both --storage URL and --study")
         return open_study_run(storage_url, study_name)
-    if study_name is not None:
-        raise ValueError(
-            "give a run folder (or job YAML), or --storage URL and --study NAME, not both"
-        )
     p = Path(run)
     job_path = p / "job.yaml" if p.is_dir() else p
+    not_both = ValueError(
+        "give a run folder (or job YAML), or --storage URL and --study NAME, not both"
+    )
+    if study_name is not None and not job_path.is_file():
+        raise not_both
     if not job_path.is_file():
         raise FileNotFoundError(
             f"{str(p)!r} is not a run folder (no job.yaml inside) nor a job config file; "
@@ -53,7 +54,59 @@ def open_run(
         )
     job = load_job(job_path)  # a job.yaml that is not valid: one line naming it
     url = storage_url_of(storage_url or job.storage, job.resolved_run_dir)
+    if job.search.then is not None:  # PS then DFS: --study picks a phase, default the last
+        return open_phase(url, job, study_name)
+    if study_name is not None:
+        raise not_both
     return _load_study(url, job.name, job.resolved_run_dir), job
+
+
+def open_phase(url: str, job: JobConfig, phase: str | None) -> tuple[optuna.Study, JobConfig]:
+    """A study of a ``search.then`` run: ``phase`` is ``ps``, ``dfs`` or ``{name}/ps`` ...;
+    ``None`` is the last phase started. Returns the phase's study and its stored job."""
+    from evomerge.search.phases import PHASES, stored_job
+
+    names = [f"{job.name}/{p}" for p in PHASES]
+    if phase is None:
+        opened = [s for s, _ in run_studies_of(url, job)]
+        if not opened:
+            _load_study(url, names[0], job.resolved_run_dir)  # the one-line error
+        return opened[-1], stored_job(opened[-1])
+    name = phase if phase in names else f"{job.name}/{phase}"
+    if name not in names:
+        raise ValueError(f"--study {phase!r}: this run's studies are {', '.join(names)}")
+    study = _load_study(url, name, job.resolved_run_dir)
+    return study, stored_job(study)
+
+
+def run_studies_of(url: str, job: JobConfig) -> list[tuple[optuna.Study, JobConfig]]:
+    """Every study of the run ``job`` describes that exists: one, or a phase each."""
+    if job.search.then is None:
+        return [(_load_study(url, job.name, job.resolved_run_dir), job)]
+    from evomerge.search.phases import PHASES, stored_job
+
+    out = []
+    for p in PHASES:
+        try:
+            study = _load_study(url, f"{job.name}/{p}", job.resolved_run_dir)
+        except FileNotFoundError:
+            continue
+        out.append((study, stored_job(study)))
+    return out
+
+
+def run_studies(
+    run: str | Path, *, storage_url: str | None = None
+) -> list[tuple[optuna.Study, JobConfig]]:
+    """Every study of a run folder (or job YAML): ``{name}/ps`` and ``{name}/dfs`` of a
+    ``search.then`` job, the one study otherwise; each with its (phase) job."""
+    study, job = open_run(run, storage_url=storage_url)  # any problem: its one-line error
+    p = Path(run)
+    whole = load_job(p / "job.yaml" if p.is_dir() else p)
+    if whole.search.then is None:
+        return [(study, job)]
+    url = storage_url_of(storage_url or whole.storage, whole.resolved_run_dir)
+    return run_studies_of(url, whole)
 
 
 def open_study_run(storage_url: str, study_name: str) -> tuple[optuna.Study, JobConfig]:
@@ -110,6 +163,7 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
         row.update(t.user_attrs.get("metrics", {}))
         for k, v in held.get(t.number, {}).get("metrics", {}).items():
             row[f"held_out:{k}"] = v
+        row.update(_held_out_objectives(job, held.get(t.number, {}).get("metrics")))
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         row["error"] = t.user_attrs.get("error", "")
         rows.append(row)
@@ -135,9 +189,20 @@ def _reference_rows(study: optuna.Study, job: JobConfig) -> list[dict[str, Any]]
         row.update({k: v for k, v in metrics.items() if k != "error"})
         held = ref.get("held_out", {})
         row.update({f"held_out:{k}": v for k, v in held.items() if k != "error"})
+        row.update(_held_out_objectives(job, held))
         row["error"] = metrics.get("error") or held.get("error", "")
         rows.append(row)
     return rows
+
+
+def _held_out_objectives(job: JobConfig, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """``held_out:objective:{label}``: each objective on the held-out metrics (when scored)."""
+    from evomerge.runs.summary import held_out_column, held_out_values
+
+    if not metrics:
+        return {}
+    values = held_out_values(job, metrics)
+    return {held_out_column(o.label): v for o, v in zip(job.objectives, values, strict=True)}
 
 
 def pareto_front(trials: list[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
@@ -153,7 +218,9 @@ def pareto_front(trials: list[FrozenTrial], directions: Sequence[str]) -> list[F
 
 def best_trials(study: optuna.Study, job: JobConfig) -> list[FrozenTrial]:
     """The best trial (single objective) or the Pareto set (several)."""
-    if len(job.objectives) == 1:
-        return [study.best_trial]
+    if len(job.objectives) == 1:  # ties on fitness: the better held-out, then the first
+        from evomerge.runs.summary import ranked_best
+
+        return ranked_best(study, job)[:1] or [study.best_trial]
     directions = [o.direction for o in job.objectives]
     return pareto_front(study.get_trials(deepcopy=False), directions)

@@ -65,7 +65,10 @@ def run_search(
     ``worker_class`` replaces :class:`evomerge.search.worker.MergeWorker` (same methods), e.g. the
     simulated workers of ``bench/driver_overhead.py``.
     """
-    search = Search(
+    from evomerge.search.phases import PhasedSearch  # a search.then job: two studies
+
+    kind = Search if job.search.then is None else PhasedSearch
+    search: Any = kind(
         job, resume=resume, address=address, storage_url=storage_url, worker_class=worker_class
     )
     bar = ProgressBar(job.name) if progress else None
@@ -103,8 +106,10 @@ class Search:
         address: str | None = None,
         storage_url: str | None = None,
         worker_class: type | None = None,
+        phase: str | None = None,
     ) -> None:
         self.job, self.resume, self.address = job, resume, address
+        self.phase = phase  # a phase of a search.then job: study {name}/{phase}
         self.storage_url, self.worker_class = storage_url, worker_class
         self.study: optuna.Study | None = None
         self.stopped = False  # True once a run ended by a stop
@@ -118,11 +123,19 @@ class Search:
         if self.study is not None:
             return self.study
         job = self.job
+        if job.search.then is not None:
+            raise ValueError("a job with search.then runs in two phases: use "
+                             "evomerge.search.phases.PhasedSearch (run_search does)")
         check_objectives(job.objectives, job.evaluators)
+        if job.toy_suite is not None and job.search.space.name == "dfs":
+            from evomerge.toy.build import build_suite  # the dfs space reads layer counts
+
+            build_suite(job.toy_suite.dir, size=job.toy_suite.size)
         self.space = build_space(job)
         baselines = self.space.baselines()
         dists = self.space.distributions()
-        sampler = make_sampler(job.search.sampler, dists, baselines.get("uniform"))
+        start = self.space.start() if hasattr(self.space, "start") else baselines.get("uniform")
+        sampler = make_sampler(job.search.sampler, dists, start)
         if job.toy_suite is not None:
             from evomerge.toy.build import build_suite
 
@@ -132,7 +145,7 @@ class Search:
         preflight(job, storage_url=self.storage_url, address=self.address)  # before any file
         study = open_study(
             job, sampler=sampler, resume=self.resume, storage_url=self.storage_url,
-            fsync=job.storage_fsync,
+            fsync=job.storage_fsync, phase=self.phase,
         )
         try:
             if self.resume:
@@ -189,8 +202,11 @@ class Search:
         from evomerge.search.references import reference_phase
 
         job, budget = self.job, self.job.search.trials
+        if self.resume and _nothing_left(job, study):  # a finished run: no Ray, no workers
+            return None
         with WorkerPool(job, address=self.address, worker_class=self.worker_class) as pool:
             _check_layer_groups(job, pool.info[0].get("num_layers"))
+            study.set_user_attr("evomerge:workers", pool.info)  # pid, node and host of each
             loop = Loop(job, study, self.space, pool, on_event=emit, stop=stopping)
             phases: dict[str, Callable[[], Any]] = {
                 "search": loop.run,
@@ -206,6 +222,28 @@ class Search:
                     return name
                 emit(PhaseFinished(name, loop.done, budget))
         return None
+
+
+def _nothing_left(job: JobConfig, study: optuna.Study) -> bool:
+    """The budget is met and every held-out and reference score the phases would compute is
+    stored without an error: resuming this run has nothing to evaluate."""
+    from evomerge.search.heldout import chosen_trials, stored_held_out
+    from evomerge.search.references import _scored, reference_recipes, stored_references
+    from evomerge.search.worker import has_held_out
+
+    if counted_trials(study) < job.search.trials:
+        return False
+    if job.search.held_out_top_k == 0:
+        return True
+    held_out = any(has_held_out(e) for e in job.evaluators)
+    if held_out:
+        stored = stored_held_out(study)
+        chosen = chosen_trials(job, study)
+        if any("error" in stored.get(t.number, {"error": None}) for t in chosen):
+            return False
+    parts = {"metrics": "evaluate", **({"held_out": "evaluate_held_out"} if held_out else {})}
+    refs = stored_references(study)
+    return all(_scored(refs.get(name), parts) for name in reference_recipes(job))
 
 
 def _check_layer_groups(job: JobConfig, num_layers: int | None) -> None:

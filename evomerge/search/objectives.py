@@ -58,3 +58,13 @@ def _get(metrics: Mapping[str, float], name: str) -> float:
         raise KeyError(f"metric {name!r} missing from the evaluation; got {sorted(metrics)}")
     value = metrics[name]
     return math.nan if value is None else float(value)  # stored non-finite metrics are null
+
+
+def objective_label(obj: Objective) -> str:
+    """What the objective is, in words a reader does not misread as a sum: the metric, or
+    ``mean(a, b)`` (equal weights), or ``weighted_mean(a=2, b=1)``.
+
+    >>> objective_label(Objective(weights={"accuracy/a": 1, "accuracy/b": 1}))
+    'mean(accuracy/a, accuracy/b)'
+    """
+    return obj.label

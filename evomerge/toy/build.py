@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import string
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -185,8 +186,41 @@ def _save(model: Any, tok: Any, path: Path) -> None:
     tok.save_pretrained(path)
 
 
+class _Steps:
+    """The build's progress: a tqdm bar on a terminal, else one stderr line per step (a log
+    file or CI gets no bar redraws). stdout keeps only the target table."""
+
+    def __init__(self, names: list[str]) -> None:
+        from tqdm.auto import tqdm
+
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=len(names), desc="toy suite", unit="step", file=sys.stderr,
+                        disable=not self.tty)
+        self.names, self.done, self.start = names, 0, time.perf_counter()
+
+    def next(self) -> None:
+        """Start the next step (the previous one is done)."""
+        if self.done:
+            self.bar.update(1)
+        name = self.names[self.done]
+        self.done += 1
+        if self.tty:
+            self.bar.set_postfix_str(name)
+        else:
+            took = time.perf_counter() - self.start
+            print(f"toy suite: step {self.done}/{len(self.names)}: {name} ({took:.0f}s so far)",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.update(len(self.names) - self.bar.n)
+        self.bar.close()
+
+
 def _build(root: Path, s: dict[str, Any]) -> None:
     start = time.perf_counter()
+    steps = _Steps(["pretraining the base", *(f"training expert {t}" for t in
+                                               s["expert_tasks"]), "scoring every model"])
+    steps.next()
     tok = make_tokenizer()
     data = _write_data(root, s)
     enc = {t: encode_rows(splits["train"], tok) for t, splits in data.items()}
@@ -195,13 +229,16 @@ def _build(root: Path, s: dict[str, Any]) -> None:
     _save(base, tok, root / "base")
     models = {"base": base}
     for i, task in enumerate(s["expert_tasks"], start=1):
+        steps.next()
         expert = copy.deepcopy(base)
         train(expert, {task: enc[task]}, {task: 1.0}, seed=s["seed"] + i,
               trainable=lambda name: ".layers." in name, **s["expert"])
         _save(expert, tok, root / "experts" / task)
         models[f"expert/{task}"] = expert
+    steps.next()
     models[MERGE_NAME] = _uniform_merge(models, s)
     table = {name: _scores(m, tok, root, s) for name, m in models.items()}
+    steps.close()
     targets = {
         "split": "test", "expert_tasks": s["expert_tasks"], "merge": s["merge"],
         "accuracy": table, "build_seconds": round(time.perf_counter() - start, 1),
