@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -175,14 +174,17 @@ def test_resume_of_a_finished_run_starts_no_ray_and_prints_the_summary(
     def no_pool(*args, **kwargs):
         raise AssertionError("a finished run started workers")
 
-    monkeypatch.setattr(driver, "WorkerPool", no_pool)
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a finished run started Ray")
+
+    monkeypatch.setattr(driver, "WorkerPool", no_pool)  # the pool is what starts Ray
+    monkeypatch.setattr("evomerge.search.ray_cluster.start_ray", no_ray)
     capsys.readouterr()
     t0 = time.monotonic()
     assert main(["search", str(run / "job.yaml"), "--resume", "--no-progress"]) == 0
     assert time.monotonic() - t0 < 10
     out = capsys.readouterr().out
     assert out.startswith("done: 11 trials") and "evomerge export" in out
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     # one held-out score missing: the resume has work to do, and starts the workers
     study.set_user_attr("held_out:2", {"error": "boom"})
     with pytest.raises(AssertionError, match="started workers"):
@@ -223,3 +225,22 @@ def test_many_ties_are_counted_not_listed(run: Path) -> None:
     assert sum(line.startswith("tied") for line in lines) == 4 + 1
     assert "tied      ... and 3 more with that fitness" in lines
     assert "<- 8 tie on fitness" in next(line for line in lines if line.startswith("best"))
+
+
+def test_the_summary_and_results_show_worker_and_trial_timings(run: Path, capsys) -> None:
+    study, job = open_run(run)
+    study.set_user_attr("evomerge:workers", [
+        {"pid": 1, "host": "h1", "load_s": 12.13, "peak_rss_mb": 512.4},
+        {"pid": 2, "host": "h1", "load_s": 13.0, "peak_rss_mb": 530.0},
+    ])
+    timing = {"merge_s": 0.25, "eval_s": 1.5, "queue_s": 0.0125, "wall_s": 1.8, "pid": 1}
+    study.add_trial(_trial(3.6, 55, timing=timing))  # trial 15
+    lines = run_summary(*open_run(run)).splitlines()
+    assert "workers: 2 on h1 (load 12.1, 13.0 s; peak memory 512, 530 MiB)" in lines
+    df = results_frame(*open_run(run))
+    assert df.loc[15, ["merge_s", "eval_s", "queue_s"]].tolist() == [0.25, 1.5, 0.0125]
+    assert df.loc[12, ["merge_s", "eval_s", "queue_s"]].isna().all()  # stored no timing
+    capsys.readouterr()
+    assert main(["results", str(run), "--all"]) == 0
+    out = capsys.readouterr().out
+    assert all(col in out for col in ("merge_s", "eval_s", "queue_s"))

@@ -197,11 +197,19 @@ def _write_one(recipe: AnyRecipe, path: Path, fmt: str, *, metrics: Mapping[str,
 def _write_hf(recipe: AnyRecipe, folder: Path, *, metrics: Mapping[str, Any] | None,
               held_out: Mapping[str, Any] | None, study_name: str | None, trial: int | None,
               load: LoadConfig | None) -> None:
+    from transformers.utils import logging as hf_logging
+
     from evomerge.merge.workspace import merge_to_folder
     from evomerge.runs.export_mergekit import export_mergekit_yaml
     from evomerge.runs.model_card import RECIPE_FILE, model_card
 
-    merge_to_folder(recipe, folder, load=load)  # a dfs recipe: a plain model of its path
+    shown = hf_logging.is_progress_bar_enabled()  # "Loading weights" / "Writing model shards"
+    hf_logging.disable_progress_bar()
+    try:
+        merge_to_folder(recipe, folder, load=load)  # a dfs recipe: a plain model of its path
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
     mk_text, mk_error = None, None
     try:

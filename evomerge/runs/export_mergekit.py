@@ -257,21 +257,33 @@ def source_folder(recipe: AnyRecipe) -> str:
     return recipe.model_sources()[plan.base or plan.models[0]]
 
 
-def num_hidden_layers(source: str) -> int:
-    """``num_hidden_layers`` (or ``n_layer``/``num_layers``) from a model's config."""
-    from transformers import AutoConfig
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
+
+def num_hidden_layers(source: str) -> int:
+    """``num_hidden_layers`` (or ``n_layer``/``num_layers``) from a model's config: a local
+    folder's ``config.json`` read as JSON (no transformers import, which costs seconds), a hub
+    id's through transformers."""
     from evomerge.merge.loading import locate
 
-    location, revision, _ = locate("base", source)
-    try:
-        config = AutoConfig.from_pretrained(location, revision=revision)
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read the config of {source!r}: {err}") from err
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(text, key, None) is not None:
-            return int(getattr(text, key))
+    location, revision, local = locate("base", source)
+    if local and (Path(location) / "config.json").is_file():
+        data = json.loads((Path(location) / "config.json").read_text())
+        text = data.get("text_config") or data  # a multimodal model's decoder
+        for key in LAYER_KEYS:
+            if text.get(key) is not None:
+                return int(text[key])
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(location, revision=revision)
+        except OSError as err:
+            raise FileNotFoundError(f"cannot read the config of {source!r}: {err}") from err
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for key in LAYER_KEYS:
+            if getattr(text, key, None) is not None:
+                return int(getattr(text, key))
     raise ValueError(f"{source!r}: its config has no num_hidden_layers; cannot expand per-layer "
                      "values for mergekit")
 
@@ -290,15 +302,21 @@ def tensor_names(source: str) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return list(json.loads(index.read_text())["weight_map"])
-    from safetensors import safe_open
-
     names: list[str] = []
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            names.extend(f.keys())
+        names.extend(_safetensors_keys(file))
     if not names:
         raise FileNotFoundError(f"no *.safetensors weights in {str(folder)!r}")
     return names
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (8-byte length, then JSON), read
+    without safetensors' torch binding."""
+    with file.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return [k for k in header if k != "__metadata__"]
 
 
 def export_mergekit_yaml(recipe: AnyRecipe, *, header: Sequence[str] = ()) -> str:

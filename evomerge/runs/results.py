@@ -149,7 +149,8 @@ def _load_study(url: str, name: str, run_dir: Path) -> optuna.Study:
 
 
 def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
-    """One row per trial: number, state, objective values, every metric, held-out metrics."""
+    """One row per trial: number, state, objective values, every metric, held-out metrics,
+    then the times (whole trial, merge, evaluation, queue) and the error."""
     held = stored_held_out(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -165,6 +166,9 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
             row[f"held_out:{k}"] = v
         row.update(_held_out_objectives(job, held.get(t.number, {}).get("metrics")))
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
+        timing = t.user_attrs.get("timing", {})  # queue_s: from the ask to the worker starting
+        for k in ("merge_s", "eval_s", "queue_s"):
+            row[k] = timing.get(k)
         row["error"] = t.user_attrs.get("error", "")
         rows.append(row)
     rows += _reference_rows(study, job)

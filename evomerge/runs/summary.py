@@ -152,6 +152,7 @@ def run_summary(study: optuna.Study, job: JobConfig, *, run: str | None = None,
         "evaluations/min)" + ("" if total_s is None else f"; {_duration(total_s)} in all, "
                               "with start-up and held-out passes"),
     ]
+    lines += _workers(study.user_attrs.get("evomerge:workers"))
     for i, o in enumerate(job.objectives, 1):
         lines.append(f"objective {i}: {objective_label(o)} ({o.direction})")
     lines.append("held-out: the objective(s) on each evaluator's held-out split")
@@ -160,6 +161,19 @@ def run_summary(study: optuna.Study, job: JobConfig, *, run: str | None = None,
     best = ranked_best(study, job)
     lines += ["", "next:", *_next(run, runs, best[:1] if len(job.objectives) == 1 else best)]
     return "\n".join(lines)
+
+
+def _workers(info: Any) -> list[str]:
+    """``workers: 2 on host1 (load 12.1 s, 13.0 s; peak memory 512, 530 MiB)``; none for a run
+    that stored no workers (an older one)."""
+    if not info:
+        return []
+    hosts = sorted({w.get("host") or "?" for w in info})
+    load = ", ".join(f"{w['load_s']:.1f}" for w in info if w.get("load_s") is not None)
+    peak = ", ".join(f"{w['peak_rss_mb']:.0f}" for w in info if w.get("peak_rss_mb"))
+    parts = [f"load {load} s" if load else "", f"peak memory {peak} MiB" if peak else ""]
+    details = "; ".join(p for p in parts if p)
+    return [f"workers: {len(info)} on {', '.join(hosts)}" + (f" ({details})" if details else "")]
 
 
 def _table(rows: Sequence[Row], n: int) -> list[str]:

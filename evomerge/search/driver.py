@@ -26,6 +26,7 @@ from evomerge.search.objectives import check_objectives
 from evomerge.search.pool import WorkerPool
 from evomerge.search.progress import (
     OnEvent,
+    OnProgress,
     PhaseFinished,
     PhaseStarted,
     ProgressBar,
@@ -59,8 +60,9 @@ def run_search(
     progress: bool = True,
     worker_class: type | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the job's search to its budget, with a progress bar unless
-    ``progress=False``; return the study.
+    """Run (or resume) the job's search to its budget and return the study, showing its
+    progress: tqdm bars when stderr is a terminal, else (or with ``progress=False``) one log
+    line per phase on stderr.
 
     ``worker_class`` replaces :class:`evomerge.search.worker.MergeWorker` (same methods), e.g. the
     simulated workers of ``bench/driver_overhead.py``.
@@ -71,12 +73,11 @@ def run_search(
     search: Any = kind(
         job, resume=resume, address=address, storage_url=storage_url, worker_class=worker_class
     )
-    bar = ProgressBar(job.name) if progress else None
+    bar = ProgressBar(job.name, bars=None if progress else False)
     try:
-        return search.run(on_event=bar)
+        return search.run(on_event=bar, on_progress=bar)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 class Search:
@@ -169,12 +170,15 @@ class Search:
         self._used = self._used or "was closed"
 
     def run(
-        self, *, on_event: OnEvent | None = None, stop: threading.Event | None = None
+        self, *, on_event: OnEvent | None = None, stop: threading.Event | None = None,
+        on_progress: OnProgress | None = None,
     ) -> optuna.Study:
         """Run the search to its budget, or until stopped; return the study.
 
         ``on_event`` gets every event in this thread (an exception in it stops the search like
-        any other error); ``stop`` is a flag to honour besides :meth:`stop`.
+        any other error); ``stop`` is a flag to honour besides :meth:`stop`; ``on_progress``
+        gets the :class:`~evomerge.search.progress.Progress` of the slow steps (Ray start,
+        workers ready, held-out and reference evaluations).
         """
         if self._used is not None:
             raise RuntimeError(
@@ -188,14 +192,15 @@ class Search:
 
         study = self.prepare()
         with closing(study):  # the run's writer lock, held until the driver is done
-            phase = "search" if stopping() else self._phases(study, emit, stopping)
+            phase = "search" if stopping() else self._phases(study, emit, stopping, on_progress)
         if phase is not None:
             self.stopped = True
             emit(Stopped(phase, counted_trials(study), self.job.search.trials))
         return study
 
     def _phases(
-        self, study: optuna.Study, emit: OnEvent, stopping: Callable[[], bool]
+        self, study: optuna.Study, emit: OnEvent, stopping: Callable[[], bool],
+        on_progress: OnProgress | None = None,
     ) -> str | None:
         """Start the workers, run each phase; the phase a stop skipped or cut short."""
         from evomerge.search.heldout import held_out_phase
@@ -204,14 +209,15 @@ class Search:
         job, budget = self.job, self.job.search.trials
         if self.resume and _nothing_left(job, study):  # a finished run: no Ray, no workers
             return None
-        with WorkerPool(job, address=self.address, worker_class=self.worker_class) as pool:
+        with WorkerPool(job, address=self.address, worker_class=self.worker_class,
+                        on_progress=on_progress) as pool:
             _check_layer_groups(job, pool.info[0].get("num_layers"))
             study.set_user_attr("evomerge:workers", pool.info)  # pid, node and host of each
             loop = Loop(job, study, self.space, pool, on_event=emit, stop=stopping)
             phases: dict[str, Callable[[], Any]] = {
                 "search": loop.run,
-                "held_out": lambda: held_out_phase(job, study, pool),
-                "reference": lambda: reference_phase(job, study, pool),
+                "held_out": lambda: held_out_phase(job, study, pool, on_progress),
+                "reference": lambda: reference_phase(job, study, pool, on_progress),
             }
             for name, phase in phases.items():
                 if stopping():
@@ -221,6 +227,8 @@ class Search:
                 if loop.stopped and name == "search":
                     return name
                 emit(PhaseFinished(name, loop.done, budget))
+            # again at the end: the workers' peak memory after the search
+            study.set_user_attr("evomerge:workers", pool.refresh_info())
         return None
 
 

@@ -32,10 +32,14 @@ def chosen_trials(job: JobConfig, study: optuna.Study) -> list[FrozenTrial]:
     return [seen[n] for n in sorted(seen)]
 
 
-def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, dict[str, Any]]:
+def held_out_phase(
+    job: JobConfig, study: optuna.Study, pool: Any, on_progress: Any = None
+) -> dict[int, dict[str, Any]]:
     """Score the chosen trials not yet stored, or stored with an error, on the held-out split;
     store each as ``{"metrics"}`` (plus ``"nonfinite"``: the metrics stored as null) or
-    ``{"error"}``, which a resumed run retries."""
+    ``{"error"}``, which a resumed run retries. ``on_progress`` gets the ``held_out`` step
+    (evaluations done of those to do)."""
+    from evomerge.search.progress import Step
     from evomerge.search.worker import has_held_out
 
     if job.search.held_out_top_k == 0 or not any(has_held_out(e) for e in job.evaluators):
@@ -47,6 +51,7 @@ def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, 
         if t.number not in stored or "error" in stored[t.number]
     ]
     results: dict[int, dict[str, Any]] = {}
+    step = Step("held_out", len(calls), on_progress) if calls else None
     for number, result, error in pool.as_completed(calls):
         entry: dict[str, Any] = {"error": error}
         if result is not None:
@@ -54,6 +59,8 @@ def held_out_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[int, 
             entry = {"metrics": metrics, **({"nonfinite": nonfinite} if nonfinite else {})}
         study.set_user_attr(f"{PREFIX}{number}", entry)
         results[number] = entry
+        if step is not None:
+            step.advance()
     return results
 
 

@@ -33,6 +33,7 @@ class Candidate:
     rung: int = 0
     rungs: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    submitted: float = 0.0  # when its last call was handed to a worker
 
 
 class Loop:
@@ -111,6 +112,7 @@ class Loop:
                                             done=self.done))
 
     def _submit(self, cand: Candidate) -> None:
+        cand.submitted = time.time()
         self.pool.submit(cand, "evaluate", cand.recipe.to_json(), self.fractions[cand.rung])
 
     def _interrupt(self) -> None:
@@ -171,6 +173,8 @@ class Loop:
                     "merge_s": result["merge_s"],
                     "eval_s": result["eval_s"],
                     "wall_s": time.time() - cand.started,
+                    # from the ask (or a promotion) to the worker starting the call
+                    "queue_s": max(0.0, result.get("started", cand.submitted) - cand.submitted),
                     "pid": result.get("pid"),
                 },
             )
@@ -181,7 +185,9 @@ class Loop:
         self.study.tell(t, values if state == TrialState.COMPLETE else None, state=state)
         self.done += 1
         self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
-        self.on_event(self.tracker.finished(t.number, state, values, error, done=self.done))
+        worker = None if result is None else result.get("pid")
+        self.on_event(self.tracker.finished(t.number, state, values, error, done=self.done,
+                                            worker=worker))
         limit = max(3, 2 * self.pool.size)
         if self.fail_streak >= limit:
             raise RuntimeError(

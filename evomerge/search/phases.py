@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 
 from evomerge.config import JobConfig, default_dfs_models, parse_job
 from evomerge.recipe import Recipe, ps_recipe
-from evomerge.search.progress import OnEvent
+from evomerge.search.progress import OnEvent, OnProgress
 from evomerge.search.storage import load_job_dict, open_storage, storage_url, study_exists
 
 PHASES = ("ps", "dfs")
@@ -151,24 +151,26 @@ class PhasedSearch:
         return study
 
     def run(
-        self, *, on_event: OnEvent | None = None, stop: threading.Event | None = None
+        self, *, on_event: OnEvent | None = None, stop: threading.Event | None = None,
+        on_progress: OnProgress | None = None,
     ) -> optuna.Study:
         """Run the phase prepared, then phase 2 after phase 1, on one Ray (started here
         unless one runs already, and shut down at the end); return the last phase's study."""
         from evomerge.search.ray_cluster import start_ray
 
         self.prepare()
-        own = start_ray(self._kw["address"] or self.job.resources.address)
+        own = start_ray(self._kw["address"] or self.job.resources.address, on_progress)
         try:
-            return self._run(on_event, stop)
+            return self._run(on_event, stop, on_progress)
         finally:
             if own:
                 import ray
 
                 ray.shutdown()
 
-    def _run(self, on_event: OnEvent | None, stop: threading.Event | None) -> optuna.Study:
-        study = self.current.run(on_event=on_event, stop=stop)
+    def _run(self, on_event: OnEvent | None, stop: threading.Event | None,
+             on_progress: OnProgress | None) -> optuna.Study:
+        study = self.current.run(on_event=on_event, stop=stop, on_progress=on_progress)
         if self.current.stopped or self.current.phase == "dfs":
             self.stopped = self.current.stopped
             return study
@@ -179,7 +181,7 @@ class PhasedSearch:
             "study": study.study_name, "trial": number, "values": study.best_trial.values,
             "recipe": winner.to_dict(),
         })
-        study = self.current.run(on_event=on_event, stop=stop)
+        study = self.current.run(on_event=on_event, stop=stop, on_progress=on_progress)
         self.stopped = self.current.stopped
         return study
 

@@ -39,13 +39,15 @@ class WorkerPool:
     restart_timeout_s = 600.0
 
     def __init__(
-        self, job: JobConfig, *, address: str | None = None, worker_class: type | None = None
+        self, job: JobConfig, *, address: str | None = None, worker_class: type | None = None,
+        on_progress: Any = None,
     ) -> None:
         from evomerge.search.ray_cluster import start_ray
         from evomerge.search.worker import MergeWorker, worker_actor_class
 
         self.job = job
-        self._own_ray = start_ray(address or job.resources.address)
+        self.on_progress = on_progress  # gets the ray and workers steps
+        self._own_ray = start_ray(address or job.resources.address, on_progress)
         try:
             check_fits(job)
         except ValueError:
@@ -66,11 +68,31 @@ class WorkerPool:
     def _check_started(self) -> None:
         import ray
 
+        from evomerge.search.progress import Step
+
+        step = Step("workers", self.size, self.on_progress)
+        refs = [a.ping.remote() for a in self.actors]
         try:
-            self.info = ray.get([a.ping.remote() for a in self.actors])
+            pending = list(refs)
+            while pending:  # one at a time, to count the workers ready
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)  # a worker that failed to start raises here, before the count
+                step.advance()
+            self.info = ray.get(refs)
         except Exception as err:  # the worker's own error, e.g. a missing model path
             self.close()
             raise RuntimeError(f"a worker failed to start: {_cause(err)}") from None
+
+    def refresh_info(self) -> list[dict[str, Any]]:
+        """Ping every worker again (peak memory grows as they work) and keep what they say;
+        the earlier info if one does not answer within seconds (e.g. it is restarting)."""
+        import ray
+
+        try:
+            self.info = ray.get([a.ping.remote() for a in self.actors], timeout=10)
+        except ray.exceptions.RayError:  # GetTimeoutError is one
+            pass  # timings are a report, not a reason to fail a finished search
+        return self.info
 
     def submit(self, item: Any, method: str, *args: Any) -> None:
         """Call ``method(*args)`` on an idle worker; its :class:`Outcome` carries ``item``."""

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 _TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
 _TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -27,10 +28,12 @@ _SCAN_S = 2.0  # how often the watchdog looks for new processes of the cluster
 _watchdogs: list[subprocess.Popen] = []  # kept so that Python reaps them
 
 
-def start_ray(address: str | None) -> bool:
+def start_ray(address: str | None, on_progress: Any = None) -> bool:
     """Connect to Ray at ``address``, or start a local Ray; True if this call started Ray.
 
-    Does nothing and returns False when Ray is already initialised in this process. A local
+    Does nothing and returns False when Ray is already initialised in this process; else
+    reports the ``ray`` step (:class:`~evomerge.search.progress.Progress`) to ``on_progress``. A
+    local
     Ray started before anything imported ``ray`` listens on the loopback interface only.
 
     >>> if start_ray(None):  # doctest: +SKIP
@@ -45,6 +48,9 @@ def start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    from evomerge.search.progress import Step
+
+    step = Step("ray", 1, on_progress)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     linux = sys.platform.startswith("linux")  # the watchdog reads /proc
     before = set(_children(os.getpid())) if linux else set()
@@ -58,12 +64,17 @@ def start_ray(address: str | None) -> bool:
     started = [pid for pid in _children(os.getpid()) if pid not in before] if linux else []
     if started:  # a local cluster: the processes ray.init just started
         _watchdogs.append(_start_watchdog(started))
+    step.advance()
     return True
 
 
 @contextlib.contextmanager
 def _without_token_notice() -> Iterator[None]:
-    """Drop Ray's start-up notice that token authentication is on (it stays on)."""
+    """Drop Ray's start-up notice that token authentication is on (it stays on), unless
+    ``evomerge search -v`` (``EVOMERGE_VERBOSE``) asks for Ray's notices."""
+    if os.environ.get("EVOMERGE_VERBOSE"):
+        yield
+        return
 
     def keep(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(_TOKEN_NOTICE)

@@ -39,9 +39,13 @@ def reference_recipes(job: JobConfig) -> dict[str, Recipe]:
     return {"uniform_task_arithmetic": space.decode(space.baselines()["uniform"])}
 
 
-def reference_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[str, dict[str, Any]]:
+def reference_phase(
+    job: JobConfig, study: optuna.Study, pool: Any, on_progress: Any = None
+) -> dict[str, dict[str, Any]]:
     """Score the reference recipes not yet stored, or stored with an error (a resumed run
-    retries those); ``"nonfinite"`` lists the metrics stored as null."""
+    retries those); ``"nonfinite"`` lists the metrics stored as null. ``on_progress`` gets the
+    ``reference`` step (evaluations done of those to do)."""
+    from evomerge.search.progress import Step
     from evomerge.search.worker import has_held_out
 
     if job.search.held_out_top_k == 0:
@@ -53,7 +57,10 @@ def reference_phase(job: JobConfig, study: optuna.Study, pool: Any) -> dict[str,
     todo = {n: r for n, r in reference_recipes(job).items() if not _scored(stored.get(n), parts)}
     calls = [((name, p), m, (r.to_json(),)) for name, r in todo.items() for p, m in parts.items()]
     entries: dict[str, dict[str, Any]] = {n: {"recipe": r.to_dict()} for n, r in todo.items()}
+    step = Step("reference", len(calls), on_progress) if calls else None
     for (name, part), result, error in pool.as_completed(calls):
+        if step is not None:
+            step.advance()
         entry = entries[name]
         entry[part] = {"error": error}
         if result is not None:

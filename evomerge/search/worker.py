@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import socket
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ class MergeWorker:
         from evomerge.evaluators.base import build_evaluator
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if not os.environ.get("EVOMERGE_VERBOSE"):  # `evomerge search -v` keeps them
+            quiet_transformers()
         self.job = JobConfig.model_validate_json(job_json)
         torch.set_num_threads(self.job.resources.torch_threads)
         t0 = time.perf_counter()
@@ -57,7 +60,8 @@ class MergeWorker:
 
     def ping(self) -> dict[str, Any]:
         layers = self.engine(search_kind(self.job)).num_layers
-        info = {"pid": os.getpid(), "load_s": self.load_s, "num_layers": layers}
+        info = {"pid": os.getpid(), "load_s": self.load_s, "num_layers": layers,
+                "peak_rss_mb": peak_rss_mb()}
         return {**info, "node": _node_id(), "host": socket.gethostname()}
 
     def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
@@ -79,6 +83,7 @@ class MergeWorker:
 
     def _run(self, recipe_json: str, evaluators: list[Any], fraction: float) -> dict[str, Any]:
         recipe = Recipe.from_json(recipe_json)
+        started = time.time()  # wall clock: the driver measures the queue time with it
         t0 = time.perf_counter()
         model, tokenizer = self.engine(recipe.kind).apply(recipe)
         t1 = time.perf_counter()
@@ -86,7 +91,22 @@ class MergeWorker:
         for ev in evaluators:
             metrics.update(ev.evaluate(model, tokenizer, limit=_limit(ev, fraction)))
         t2 = time.perf_counter()
-        return {"metrics": metrics, "merge_s": t1 - t0, "eval_s": t2 - t1, "pid": os.getpid()}
+        return {"metrics": metrics, "merge_s": t1 - t0, "eval_s": t2 - t1, "pid": os.getpid(),
+                "started": started}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if os.uname().sysname == "Darwin" else 2**10)
+
+
+def quiet_transformers() -> None:
+    """Turn off transformers' "Loading weights" bars and info logs in this process."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_warning()
 
 
 def _node_id() -> str | None:
