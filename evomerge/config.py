@@ -99,7 +99,7 @@ class ToySuiteConfig(Strict):
     """Build the toy suite into ``dir`` before the job if it is not there (cached)."""
 
     dir: str = "toy_suite"
-    size: Literal["tiny", "small"] = "small"
+    size: Literal["tiny", "small", "smollm2", "smollm2-quick"] = "small"
 
 
 # -- evaluators ------------------------------------------------------------------------------

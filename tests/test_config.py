@@ -127,7 +127,8 @@ def test_shipped_configs_validate():
 
 
 @pytest.mark.parametrize("name", ["cluster", "multi_objective", "quickstart", "dfs",
-                                  "dfs_pareto", "ps_dfs"])
+                                  "dfs_pareto", "ps_dfs", "smollm2", "smollm2_pareto",
+                                  "smollm2_ps_dfs"])
 def test_shipped_configs_pass_evomerge_validate(name, capsys, monkeypatch):
     """`validate` checks the job; what only this machine lacks (a GPU, the hub models of the
     cluster example, the unbuilt toy suite) is a note, not a refusal."""

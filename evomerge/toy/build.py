@@ -68,6 +68,10 @@ _OWNED = ("base", "experts", "data", "tasks", "targets.json", "manifest.json")
 
 def suite_settings(size: str) -> dict[str, Any]:
     """Everything that determines the suite's content (hashed into the manifest)."""
+    if size.startswith("smollm2"):  # the real-model suite (evomerge.toy.smollm2)
+        from evomerge.toy.smollm2 import suite_settings as smollm2_settings
+
+        return smollm2_settings(size)
     if size not in SIZES:
         raise ValueError(f"toy suite size {size!r} is unknown; use one of {sorted(SIZES)}")
     return {
@@ -111,13 +115,18 @@ def suite_is_valid(root: str | Path, size: str) -> bool:
 
 
 def build_suite(
-    dir: str | Path, *, size: Literal["tiny", "small"] = "small", force: bool = False
+    dir: str | Path, *, size: Literal["tiny", "small", "smollm2", "smollm2-quick"] = "small",
+    force: bool = False,
 ) -> Path:
     """Build the toy suite into ``dir`` (cached: a valid suite there is returned at once).
 
     ``force=True`` rebuilds. A non-empty ``dir`` without a manifest, or one built with other
     settings, is refused unless ``force`` is set (nothing is overwritten by surprise).
     """
+    if size.startswith("smollm2"):
+        from evomerge.toy.smollm2 import build_smollm2
+
+        return build_smollm2(dir, profile=size, force=force)
     root = Path(dir)
     settings = suite_settings(size)
     if not force and suite_is_valid(root, size):
