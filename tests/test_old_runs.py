@@ -65,9 +65,12 @@ def test_pickled_restart_state_needs_the_opt_in(search_suite, tmp_path, capsys, 
     monkeypatch.delenv("EVOMERGE_TRUST_PICKLED_STATE", raising=False)
     capsys.readouterr()
     assert resume(job) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "EVOMERGE_TRUST_PICKLED_STATE=1" in err, err
-    assert "evomerge:cma:state" in err
+    # the state is read when the sampler resumes, after the workers started: their phase log
+    # line ("evomerge: workers 1/1 ready") comes first; the error itself is one line
+    lines = capsys.readouterr().err.splitlines()
+    errors = [line for line in lines if line.startswith("evomerge search: error:")]
+    assert len(errors) == 1 and all(line.startswith("evomerge") for line in lines), lines
+    assert "EVOMERGE_TRUST_PICKLED_STATE=1" in errors[0] and "evomerge:cma:state" in errors[0]
     monkeypatch.setenv("EVOMERGE_TRUST_PICKLED_STATE", "1")
     assert resume(job) == 0
     check_resumed(tmp_path / "run", before)
