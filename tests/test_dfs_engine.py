@@ -1,6 +1,7 @@
 """The dfs engine: a path over loaded layers runs like a model (logits, KV cache, generate,
 evaluators), shares the loaded weights, and refuses models or paths it cannot run."""
 
+# ruff: noqa: F811 - the shared fixtures are imported, then named as test arguments
 from __future__ import annotations
 
 import json
@@ -14,22 +15,8 @@ from evomerge.engines import ENGINES, engine_factory
 from evomerge.evaluators.base import build_evaluator
 from evomerge.merge.workspace import Workspace
 from evomerge.recipe import DFSRecipe, Recipe
-from tests.conftest import make_tiny_arch, make_tiny_llama, save_family
-
-ARCHS2 = ("llama_gqa", "qwen2_tied")
-PROMPTS = ["rev:abc>", "hello world", "x", "rev:qrstu>cba"]
-
-
-@pytest.fixture(scope="module", params=ARCHS2)
-def family(request, tmp_path_factory) -> tuple[str, dict[str, str]]:
-    paths = save_family(tmp_path_factory.mktemp(request.param), request.param, scale=0.05)
-    return request.param, {n: str(p) for n, p in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def engine(family) -> DFSEngine:
-    torch.set_num_threads(1)
-    return DFSEngine(family[1])
+from tests.conftest import make_tiny_arch, make_tiny_llama
+from tests.dfs_fixtures import PROMPTS, engine, family  # noqa: F401 (fixtures)
 
 
 def path_recipe(sources, seed: int = 0) -> DFSRecipe:

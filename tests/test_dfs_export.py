@@ -17,6 +17,7 @@ rounding: those checks tie the remaining difference to eps. In real models mean(
 after the first layers and the difference vanishes.
 """
 
+# ruff: noqa: F811 - the shared fixtures are imported, then named as test arguments
 from __future__ import annotations
 
 import json
@@ -32,32 +33,17 @@ from transformers import AutoModelForCausalLM
 from evomerge import cli
 from evomerge.config import LmEvalConfig
 from evomerge.dfs.card import path_diagram
-from evomerge.dfs.engine import DFSEngine
 from evomerge.dfs.export import cumulative_scales, export_model
 from evomerge.dfs.passthrough import passthrough_config
 from evomerge.evaluators.lm_eval import LmEvalEvaluator
 from evomerge.evaluators.lm_tasks import write_toy_tasks
 from evomerge.recipe import DFSRecipe
 from evomerge.runs.export import export_recipe
-from tests.conftest import save_family
+from tests.dfs_fixtures import PROMPTS, engine, family  # noqa: F401 (fixtures)
 
-ARCHS2 = ("llama_gqa", "qwen2_tied")
-PROMPTS = ["rev:abc>", "hello world", "x", "rev:qrstu>cba"]
 EPS_TOL = 5e-3
 ROUNDING_TOL = 1e-5
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", params=ARCHS2)
-def family(request, tmp_path_factory) -> tuple[str, dict[str, str]]:
-    paths = save_family(tmp_path_factory.mktemp(request.param), request.param, scale=0.05)
-    return request.param, {n: str(p) for n, p in paths.items()}
-
-
-@pytest.fixture(scope="module")
-def engine(family) -> DFSEngine:
-    torch.set_num_threads(1)
-    return DFSEngine(family[1])
 
 
 def random_path(sources, picks, seed: int, *, low: float = 0.8, high: float = 1.25,
