@@ -17,6 +17,9 @@ On the small toy suite (base + shift/rot13/mirror experts; fitness = mean exact 
   mergekit and scored on the same test splits.
 
 The held-out curve scores the incumbent (best fitness so far) at every ``--every`` evaluations.
+Cost is counted in evaluations and in examples scored (``evomerge.runs.cost``: every rung of
+every trial, pruned and failed ones included; the peer: ``--limit`` x tasks per candidate); the
+table gives both to reach 95 % of the final best, and the figure plots against both.
 
     python bench/search_quality.py            # 40 evaluations x 3 seeds, ~20 min on 2 cores
     python bench/search_quality.py --quick    # 16 evaluations x 2 seeds, no peer
@@ -25,6 +28,8 @@ The held-out curve scores the incumbent (best fitness so far) at every ``--every
     python bench/search_quality.py --methods "cmaes per-layer" "cmaes per-layer della" \
         "cmaes linear TIES" --skip-peer --name search_quality_kinds_schedules \
         --compare search_quality       # the issue-12 rows, next to the earlier ones
+    python bench/search_quality.py --methods "cmaes per-layer" --fidelity 0.25 1.0 \
+        --skip-peer --name search_quality_fidelity   # successive halving on 25 % first
 """
 
 from __future__ import annotations
@@ -129,6 +134,26 @@ def phase_rows(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["end"])
 
 
+def cumulative_examples(run_dir: Path, rows: list[dict[str, Any]], *,
+                        study_name: str | None = None) -> tuple[list[int | None], bool]:
+    """Examples the search had scored when each row (a completed trial) ended: every trial
+    that ended by then counts, pruned and failed ones too, each over all its rungs
+    (``evomerge.runs.cost``); and whether they are estimated (no ``scored/`` metrics)."""
+    from evomerge.runs.cost import estimators, search_costs
+    from evomerge.runs.results import open_run
+
+    study, job = open_run(run_dir, study_name=study_name)
+    trials = study.get_trials(deepcopy=False)
+    costs = {c.number: c.cost for c in search_costs(trials, job, estimate=estimators(job)[0])}
+    ended = sorted((t.datetime_complete.timestamp(), costs[t.number].examples)
+                   for t in trials if t.datetime_complete is not None)
+    out: list[int | None] = []
+    for r in rows:
+        xs = [n for end, n in ended if end <= r["end"]]
+        out.append(None if any(n is None for n in xs) else sum(n or 0 for n in xs))
+    return out, any(c.estimated for c in costs.values())
+
+
 def candidate_s(rows: list[dict[str, Any]]) -> float | None:
     """Mean merge + evaluation seconds of a candidate (in its worker)."""
     times = [r["merge_s"] + r["eval_s"] for r in rows if "merge_s" in r]
@@ -224,7 +249,8 @@ class HeldOut:
         self.cache: dict[str, float] = {}
 
     def _score(self, model: Any, tok: Any) -> float:
-        vals = [v for ev in self.evals for v in ev.evaluate(model, tok).values()]
+        vals = [v for ev in self.evals for k, v in ev.evaluate(model, tok).items()
+                if not k.startswith("scored/")]  # the cost counts are no score
         return sum(vals) / len(vals)
 
     def recipe(self, recipe: dict[str, Any]) -> float:
@@ -264,11 +290,22 @@ class HeldOut:
 
 
 def record(method: str, seed: int, values: list[float], tests: list[tuple[int, float]],
-           seconds: float) -> dict[str, Any]:
+           seconds: float, examples: list[int | None] | None = None) -> dict[str, Any]:
+    """One search's curve; ``examples[i]``: examples scored when value ``i`` came in."""
     final = max(values)
+    to_95 = evals_to(values, 0.95 * final)
     return {"method": method, "seed": seed, "fitness": values, "held_out": tests,
             "evals": len(values), "final_fitness": final, "final_test": tests[-1][1],
-            "evals_to_95": evals_to(values, 0.95 * final), "seconds": seconds}
+            "evals_to_95": to_95, "seconds": seconds, "examples": examples,
+            "examples_to_95": examples_at(examples, to_95),
+            "final_examples": examples[-1] if examples else None}
+
+
+def examples_at(examples: list[int | None] | None, evals: int | None) -> int | None:
+    """Examples scored by the ``evals``-th evaluation (1-based)."""
+    if not examples or evals is None:
+        return None
+    return examples[evals - 1]
 
 
 def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespace,
@@ -279,13 +316,25 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
                   trials=spec.get("trials", args.evals), layer_groups=1, sampler=sampler,
                   space=copy.deepcopy(spec["space"]), baselines=spec.get("baselines", True))
     job = with_experts(job, copy.deepcopy(spec), args.evals)
+    if args.fidelity:
+        job["search"]["fidelity"] = {"fractions": args.fidelity}
     rows = run_evomerge(job, reuse=args.reuse)
     first = phase_rows(Path(job["run_dir"])) if "then" in spec else []
     seconds = rows[-1]["end"] - min(r["start"] for r in first + rows)
     values = [r["value"] for r in first + rows]  # PS+DFS: phase 1's evaluations, then 2's
     tests = [(m, held.recipe((first + rows)[i]["recipe"]))
              for m, i in incumbents(values, args.every)]
-    out = record(label, seed, values, tests, seconds)
+    run_dir = Path(job["run_dir"])
+    if "then" in spec:  # phase 2's examples come after all of phase 1's
+        ex1, est1 = cumulative_examples(run_dir, first, study_name="ps")
+        ex2, est2 = cumulative_examples(run_dir, rows, study_name="dfs")
+        total1 = cumulative_examples(run_dir, [{"end": float("inf")}], study_name="ps")[0][0]
+        examples = ex1 + [None if n is None or total1 is None else total1 + n for n in ex2]
+        estimated = est1 or est2
+    else:
+        examples, estimated = cumulative_examples(run_dir, rows)
+    out = record(label, seed, values, tests, seconds, examples)
+    out["examples_estimated"] = estimated
     out["candidate_s"] = candidate_s(rows)  # PS+DFS: a phase-2 (DFS) candidate
     return out
 
@@ -301,7 +350,7 @@ def run_adamerging(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[s
     result = ada(parse_job(job), progress=False)
     seconds = time.time() - t0
     saved = json.loads((Path(job["run_dir"]) / "adamerging" / "result.json").read_text())
-    fit = saved["metrics"]["fitness"]
+    fit = {k: v for k, v in saved["metrics"]["fitness"].items() if not k.startswith("scored/")}
     value = sum(fit.values()) / len(fit)
     return record("adamerging", seed, [value], [(1, held.recipe(result.recipe.to_dict()))],
                   seconds)
@@ -326,7 +375,11 @@ def run_peer(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, An
     rows = res["candidates"]
     values = [float(r["score"]) for r in rows]
     tests = [(m, held.mergekit(rows[i]["config"])) for m, i in incumbents(values, args.every)]
-    out = record("mergekit-evolve", seed, values, tests, time.time() - t0)
+    # each candidate: lm-eval on --limit validation examples of every task (no fidelity)
+    per = args.limit * len(suite_tasks(args.suite))
+    out = record("mergekit-evolve", seed, values, tests, time.time() - t0,
+                 [per * (i + 1) for i in range(len(values))])
+    out["examples_estimated"] = True  # from the peer's config, not counted by it
     out["rc"] = res["rc"]
     return out
 
@@ -345,7 +398,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "test": _mean(r["final_test"] for r in rs),
             "test_sd": _sd(r["final_test"] for r in rs),
             "evals_to_95": _mean(r["evals_to_95"] for r in rs),
+            "examples_to_95": _mean(r.get("examples_to_95") for r in rs),
+            "examples_to_95_sd": _sd(r["examples_to_95"] for r in rs
+                                     if r.get("examples_to_95") is not None),
+            "examples": _mean(r.get("final_examples") for r in rs),
             "evals_to_95_of_peer": _mean(x for x in to_peer) if to_peer else None,
+            "examples_to_95_of_peer": _mean(examples_at(r.get("examples"), x)
+                                            for r, x in zip(rs, to_peer, strict=True))
+            if to_peer else None,
             "seconds": _mean(r["seconds"] for r in rs),
         })
     return rows
@@ -373,30 +433,45 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for m in searched:
         if pk and m in by and pk["evals_to_95"] and by[m]["evals_to_95"]:
             out[f"{m} evals_to_95 / peer"] = by[m]["evals_to_95"] / pk["evals_to_95"]
+        if pk and m in by and pk.get("examples_to_95") and by[m].get("examples_to_95"):
+            out[f"{m} examples_to_95 / peer"] = by[m]["examples_to_95"] / pk["examples_to_95"]
     return out
 
 
 def plot(runs: list[dict[str, Any]], subtitle: str, name: str) -> Path:
-    fig, (ax_fit, ax_test) = new_figure(2)
+    """Best fitness and held-out of the incumbent against evaluations (left) and against
+    examples scored (right: what an evaluation costs on a real model)."""
+    fig, (ax_fit, ax_fit_ex, ax_test, ax_test_ex) = new_figure(4, width=5.0)
     for i, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
         rs = [r for r in runs if r["method"] == method]
         color = f"C{i}"
-        if method == "adamerging":
+        if method == "adamerging":  # one point; its cost is gradient steps, not evaluations
             ax_fit.scatter([1], [_mean(r["final_fitness"] for r in rs)], color=color, label=method)
             ax_test.scatter([1], [_mean(r["final_test"] for r in rs)], color=color, label=method)
             continue
         n = min(r["evals"] for r in rs)
         curves = [curve(r["fitness"])[:n] for r in rs]
-        xs = list(range(1, n + 1))
         cols = list(zip(*curves, strict=True))
-        ax_fit.plot(xs, [statistics.mean(c) for c in cols], color=color, label=method)
-        ax_fit.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], color=color,
-                            alpha=0.15)
+        mean = [statistics.mean(c) for c in cols]
+        ax_fit.plot(range(1, n + 1), mean, color=color, label=method)
+        ax_fit.fill_between(range(1, n + 1), [min(c) for c in cols], [max(c) for c in cols],
+                            color=color, alpha=0.15)
         marks = sorted({m for r in rs for m, _ in r["held_out"]})
         ys = [_mean(dict(map(tuple, r["held_out"])).get(m) for r in rs) for m in marks]
         ax_test.plot(marks, ys, marker="o", color=color, label=method)
+        for r in rs:  # per seed: examples differ between seeds (pruning)
+            ex = r.get("examples")
+            if not ex or any(x is None for x in ex):
+                continue
+            ax_fit_ex.plot(ex, curve(r["fitness"]), color=color, alpha=0.6,
+                           label=method if r is rs[0] else None)
+            held_ex = [(ex[m - 1], v) for m, v in r["held_out"] if m <= len(ex)]
+            ax_test_ex.plot([x for x, _ in held_ex], [v for _, v in held_ex], marker="o",
+                            color=color, alpha=0.6, label=method if r is rs[0] else None)
     ax_fit.set(xlabel="evaluations", ylabel="best validation fitness (mean of seeds, min-max)")
+    ax_fit_ex.set(xlabel="examples scored", ylabel="best validation fitness (each seed)")
     ax_test.set(xlabel="evaluations", ylabel="test accuracy of the incumbent (mean of seeds)")
+    ax_test_ex.set(xlabel="examples scored", ylabel="test accuracy of the incumbent (each seed)")
     ax_test.legend(fontsize=7)
     return save_figure(fig, name, subtitle=subtitle)
 
@@ -422,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="search_quality", help="results/<name>.json and .png")
     p.add_argument("--rows", choices=["dfs"], help="dfs: DFS alone and PS+DFS next to PS "
                    "alone (cmaes per-model), uniform TA and the experts; no peer, no AdaMerging")
+    p.add_argument("--fidelity", type=float, nargs="+", help="search.fidelity fractions "
+                   "for every evomerge search, e.g. 0.25 1.0 (default: none)")
     p.add_argument("--compare", help="also print the rows of results/<COMPARE>.json (earlier "
                    "runs, marked '(earlier)') under the new ones")
     args = p.parse_args(argv)
@@ -474,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows, ["method", "seeds", "evals", "fitness", "test", "test_sd",
                                   "candidate_s", "seconds"]))
     cols = ["method", "seeds", "evals", "fitness", "fitness_sd", "test", "test_sd",
-            "evals_to_95", "evals_to_95_of_peer", "seconds"]
+            "evals_to_95", "examples_to_95", "examples_to_95_sd", "evals_to_95_of_peer",
+            "examples_to_95_of_peer", "seconds"]
     print(format_table(rows + compared(args.compare), cols))
     goal = targets(rows)
     print(json.dumps(goal, indent=1))
@@ -500,8 +578,12 @@ def compared(name: str | None) -> list[dict[str, Any]]:
 
 
 def _log(r: dict[str, Any]) -> None:
-    print(f"{r['method']} seed {r['seed']}: {r['evals']} evals, best {r['final_fitness']:.3f}, "
-          f"test {r['final_test']:.3f}, {r['seconds']:.0f} s", file=sys.stderr)
+    ex = r.get("final_examples")
+    cost = "" if ex is None else f", {ex} examples" + (
+        " (estimated)" if r.get("examples_estimated") else " (scored/ metrics)")
+    print(f"{r['method']} seed {r['seed']}: {r['evals']} evals{cost}, best "
+          f"{r['final_fitness']:.3f}, test {r['final_test']:.3f}, {r['seconds']:.0f} s",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

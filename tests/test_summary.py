@@ -94,6 +94,7 @@ def test_the_summary_text(run: Path, capsys: pytest.CaptureFixture[str]) -> None
     lines = text.splitlines()
     assert lines[0] == "done: 14 trials, 1 failed; study 'oldrun'"
     assert lines[1] == "time: the trials ran 55m54s (0.3 evaluations/min)"
+    assert lines[2].startswith("cost: examples scored not recorded")  # old run, data gone
     assert "objective 1: mean(entropy/a, entropy/b) (minimize)" in lines
     best = next(line for line in lines if line.startswith("best"))
     assert "trial 13" in best and "3.5000" in best and f"{3.5:10.4f}" in best
@@ -114,10 +115,12 @@ def test_the_default_results_view_fits_100_columns(run: Path, capsys) -> None:
     assert main(["results", str(run)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert max(map(len, out)) <= 100
-    assert out[0].split() == ["state", "baseline", "objective", "held_out", "entropy/a",
-                              "entropy/b"]
+    # metric columns go first when the width runs out (the reference's name is long)
+    assert out[0].split() == ["state", "baseline", "objective", "held_out", "examples",
+                              "entropy/a"]
     row13 = next(line for line in out if line.startswith("13 "))
-    assert row13.split()[1:4] == ["COMPLETE", "3.5000", "3.5000"]  # fitness, held-out mean
+    assert row13.split()[1:5] == ["COMPLETE", "3.5000", "3.5000", "-"]  # no cost recorded
+    assert "examples: scored by the trial's search evaluations" in "\n".join(out)
     assert main(["results", str(run), "--all"]) == 0
     every = capsys.readouterr().out
     assert "timing" in every or "duration_s" in every
@@ -244,3 +247,56 @@ def test_the_summary_and_results_show_worker_and_trial_timings(run: Path, capsys
     assert main(["results", str(run), "--all"]) == 0
     out = capsys.readouterr().out
     assert all(col in out for col in ("merge_s", "eval_s", "queue_s"))
+
+
+def test_the_summary_shows_the_stored_cost_and_rank_fidelity(run: Path) -> None:
+    """Trials with rungs and ``scored/`` metrics, held-out and reference passes with theirs:
+    the summary's totals and taus are those of the stored numbers."""
+    from evomerge.search.rank_fidelity import kendall_tau
+
+    _, job = open_run(run)
+    study = optuna.create_study(direction="minimize")
+    scores = [(3.7, 3.6), (3.5, 3.55), (3.6, 3.4), (3.8, 3.9), (3.3, 3.35)]
+    for i, (cheap, full) in enumerate(scores):
+        rungs = [
+            {"fraction": 0.25, "values": [cheap],
+             "metrics": {"scored/examples/a": 16 + i, "scored/tokens/a": 160 + i}},
+            {"fraction": 1.0, "values": [full],
+             "metrics": {"scored/examples/a": 64, "scored/tokens/a": 640 + i}},
+        ]
+        study.add_trial(_trial(full, i, rungs=rungs))
+    study.add_trial(create_trial(state=TrialState.PRUNED, user_attrs={"rungs": [
+        {"fraction": 0.25, "values": [3.99],
+         "metrics": {"scored/examples/a": 16, "scored/tokens/a": 100}}]}))
+    study.set_user_attr("held_out:4", {"metrics": {"entropy/a": 3.0, "scored/examples/a": 30}})
+    study.set_user_attr("reference:uniform_task_arithmetic", {
+        "recipe": {}, "metrics": {"entropy/a": 3.1, "entropy/b": 3.2, "scored/examples/a": 64},
+        "held_out": {"entropy/a": 3.0, "entropy/b": 3.1, "scored/examples/a": 30},
+    })
+    stored = [t.user_attrs["rungs"] for t in study.trials]
+    examples = sum(r["metrics"]["scored/examples/a"] for rs in stored for r in rs)
+    tokens = sum(r["metrics"]["scored/tokens/a"] for rs in stored for r in rs)
+    held = study.user_attrs["held_out:4"]["metrics"]["scored/examples/a"]
+    ref = study.user_attrs["reference:uniform_task_arithmetic"]
+    ref_n = ref["metrics"]["scored/examples/a"] + ref["held_out"]["scored/examples/a"]
+    text = " ".join(run_summary(study, job).split())  # the lines wrap at 100 columns
+    n = run_stats(study)["trials"]
+    assert (f"cost: the search scored {examples:,} examples ({tokens:,} tokens) in {n} trials; "
+            f"after it, not search cost: held-out {held:,}, reference {ref_n:,}") in text
+    promoted = [rs for rs in stored if len(rs) == 2]
+    tau = kendall_tau([r[0]["values"][0] for r in promoted], [r[1]["values"][0] for r in promoted])
+    assert f"0.25 -> {tau:.2f} ({len(promoted)} candidates)" in text
+    assert "fidelity: auto" not in text
+    history = [{"probes": 8, "fraction": 0.25, "taus": {}}, {"probes": 9, "fraction": 0.5}]
+    study.set_user_attr("fidelity:auto", {"fraction": 0.5, "history": history})
+    text = " ".join(run_summary(study, job).split())
+    assert "fidelity: auto chose 0.5 (after 9 probes; decisions over the search: 0.25, 0.5)" \
+        in text
+    df = results_frame(study, job)
+    assert df["cost:examples_cum"].tolist()[:-1] == [  # the last row: the reference
+        sum(r["metrics"]["scored/examples/a"] for rs in stored[: i + 1] for r in rs)
+        for i in range(len(stored))]
+    view = results_view(df, job)
+    assert max(map(len, view.splitlines())) <= 100
+    pruned = next(line for line in view.splitlines() if line.startswith("5 "))
+    assert pruned.split()[1:3] == ["PRUNED", "-"] and pruned.split()[4] == "16"

@@ -18,6 +18,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import JobConfig, load_job, parse_job
+from evomerge.runs.cost import Cost, estimators, held_out_costs, reference_costs, search_costs
 from evomerge.search.fidelity import dominates
 from evomerge.search.heldout import stored_held_out
 from evomerge.search.storage import JOB_ATTR, load_job_dict, open_storage
@@ -150,10 +151,13 @@ def _load_study(url: str, name: str, run_dir: Path) -> optuna.Study:
 
 def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
     """One row per trial: number, state, objective values, every metric, held-out metrics,
-    then the times (whole trial, merge, evaluation, queue) and the error."""
+    the evaluation cost (``cost:*``, :func:`cost_columns`), then the times (whole trial,
+    merge, evaluation, queue) and the error."""
     held = stored_held_out(study)
+    trials = study.get_trials(deepcopy=False)
+    costs = cost_columns(study, job, trials)
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         row: dict[str, Any] = {
             "trial": t.number,
             "state": t.state.name,
@@ -165,17 +169,52 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
         for k, v in held.get(t.number, {}).get("metrics", {}).items():
             row[f"held_out:{k}"] = v
         row.update(_held_out_objectives(job, held.get(t.number, {}).get("metrics")))
+        row.update(costs.get(t.number, {}))
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         timing = t.user_attrs.get("timing", {})  # queue_s: from the ask to the worker starting
         for k in ("merge_s", "eval_s", "queue_s"):
             row[k] = timing.get(k)
         row["error"] = t.user_attrs.get("error", "")
         rows.append(row)
-    rows += _reference_rows(study, job)
+    rows += _reference_rows(study, job, costs)
     return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
 
 
-def _reference_rows(study: optuna.Study, job: JobConfig) -> list[dict[str, Any]]:
+def cost_columns(
+    study: optuna.Study, job: JobConfig, trials: Sequence[FrozenTrial]
+) -> dict[int | str, dict[str, Any]]:
+    """Trial number (or reference name) -> its ``cost:*`` columns: ``cost:examples`` and
+    ``cost:tokens`` scored by the trial's search evaluations (every rung), ``..._cum`` the
+    running totals in trial order, ``cost:held_out_*`` its held-out pass (not search cost),
+    ``cost:estimated`` where they come from the fractions and data sizes
+    (:mod:`evomerge.runs.cost`)."""
+    fit, held_est = estimators(job)
+    held = held_out_costs(study.user_attrs, estimate=held_est)
+    out: dict[int | str, dict[str, Any]] = {}
+    for c in search_costs(trials, job, estimate=fit):
+        h = held.get(c.number, Cost(None, None))  # no held-out pass
+        out[c.number] = _cost_row(c.cost if c.evaluations else Cost(None, None), h, c.cumulative)
+    refs = reference_costs(study.user_attrs, fitness=fit, held_out=held_est)
+    for name, (fitness, held_out) in refs.items():
+        out[name] = _cost_row(fitness, held_out, None)
+    return out
+
+
+def _cost_row(search: Cost, held: Cost, cumulative: Cost | None) -> dict[str, Any]:
+    return {
+        "cost:examples": search.examples,
+        "cost:tokens": search.tokens,
+        "cost:examples_cum": None if cumulative is None else cumulative.examples,
+        "cost:tokens_cum": None if cumulative is None else cumulative.tokens,
+        "cost:held_out_examples": held.examples,
+        "cost:held_out_tokens": held.tokens,
+        "cost:estimated": search.estimated or held.estimated,
+    }
+
+
+def _reference_rows(
+    study: optuna.Study, job: JobConfig, costs: dict[int | str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Rows ``reference:<name>`` for the merges scored outside the space (state REFERENCE)."""
     from evomerge.search.objectives import objective_values
     from evomerge.search.references import PREFIX, stored_references
@@ -194,6 +233,7 @@ def _reference_rows(study: optuna.Study, job: JobConfig) -> list[dict[str, Any]]
         held = ref.get("held_out", {})
         row.update({f"held_out:{k}": v for k, v in held.items() if k != "error"})
         row.update(_held_out_objectives(job, held))
+        row.update(costs.get(name, {}))
         row["error"] = metrics.get("error") or held.get("error", "")
         rows.append(row)
     return rows

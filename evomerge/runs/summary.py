@@ -23,7 +23,9 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import JobConfig, Objective
+from evomerge.runs.cost import RunCost, run_cost
 from evomerge.search.objectives import objective_label, objective_values
+from evomerge.search.rank_fidelity import STUDY_ATTR, FractionTau, study_taus
 from evomerge.search.study import INTERRUPTED
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -153,6 +155,9 @@ def run_summary(study: optuna.Study, job: JobConfig, *, run: str | None = None,
                               "with start-up and held-out passes"),
     ]
     lines += _workers(study.user_attrs.get("evomerge:workers"))
+    lines += cost_lines(run_cost(study, job), s["trials"])
+    lines += fidelity_lines(study_taus(study.get_trials(deepcopy=False)))
+    lines += auto_fidelity_lines(study.user_attrs.get(STUDY_ATTR))
     for i, o in enumerate(job.objectives, 1):
         lines.append(f"objective {i}: {objective_label(o)} ({o.direction})")
     lines.append("held-out: the objective(s) on each evaluator's held-out split")
@@ -161,6 +166,54 @@ def run_summary(study: optuna.Study, job: JobConfig, *, run: str | None = None,
     best = ranked_best(study, job)
     lines += ["", "next:", *_next(run, runs, best[:1] if len(job.objectives) == 1 else best)]
     return "\n".join(lines)
+
+
+def cost_lines(cost: RunCost, trials: int) -> list[str]:
+    """``cost: the search scored 3,000 examples (41,000 tokens) in 14 trials; after it, not
+    search cost: held-out 256, reference 1,328``; says so when the counts are estimated
+    (:mod:`evomerge.runs.cost`) or not known (``?``)."""
+    search = cost.search
+    if search.examples is None:
+        return textwrap.wrap("cost: examples scored not recorded (a run of an older "
+                             "evomerge; its data files are not there to estimate from)", 100,
+                             subsequent_indent="  ")
+    tokens = f" ({search.tokens:,} tokens)" if search.tokens is not None else ""
+    line = f"cost: the search scored {search.examples:,} examples{tokens} in {trials} trials"
+    after = {"held-out": cost.held_out.examples, "reference": cost.reference.examples}
+    if any(n != 0 for n in after.values()):
+        line += "; after it, not search cost: " + ", ".join(
+            f"{name} {'?' if n is None else f'{n:,}'}" for name, n in after.items())
+    if cost.estimated:
+        line += ("; estimated from the fidelity fractions and the data sizes (this run stored "
+                 "no scored/ metrics)")
+    return textwrap.wrap(line, 100, subsequent_indent="  ")
+
+
+def fidelity_lines(taus: Sequence[FractionTau]) -> list[str]:
+    """``rank fidelity: Kendall tau of the score on a fraction of the examples against the full
+    score, over the candidates scored at both: 0.25 -> 0.71 (6 candidates)``."""
+    if not taus:
+        return []
+    parts = [
+        f"{t.fraction:g} -> {'/'.join('-' if math.isnan(x) else f'{x:.2f}' for x in t.taus)} "
+        f"({t.n} candidates)"
+        for t in taus
+    ]
+    return textwrap.wrap("rank fidelity: Kendall tau of the score on a fraction of the examples "
+                         "against the full score, over the candidates scored at both: "
+                         + ", ".join(parts), 100, subsequent_indent="  ")
+
+
+def auto_fidelity_lines(state: Any) -> list[str]:
+    """``fidelity: auto chose 0.25 (after 24 probes; decisions over the search: 0.1, 0.25)``
+    from the study attribute the loop stores for ``search.fidelity.mode: auto``."""
+    if not isinstance(state, dict) or not state.get("history"):
+        return []
+    history = state["history"]
+    path = ", ".join(f"{h['fraction']:g}" for h in history)
+    return textwrap.wrap(f"fidelity: auto chose {history[-1]['fraction']:g} (after "
+                         f"{history[-1]['probes']} probes; decisions over the search: {path})",
+                         100, subsequent_indent="  ")
 
 
 def _workers(info: Any) -> list[str]:
@@ -222,9 +275,9 @@ def _duration(seconds: float) -> str:
 
 def results_view(df: pd.DataFrame, job: JobConfig, *, width: int = 100) -> str:
     """The default ``evomerge results`` table: trial, state, baseline, the objective(s), the
-    held-out score(s), then the metrics of each weighted mean while the table fits ``width``
-    columns (``--all`` prints every column). The lines under it name what the headers stand
-    for."""
+    held-out score(s), the examples the trial scored (all rungs), then the metrics of each
+    weighted mean while the table fits ``width`` columns (``--all`` prints every column). The
+    lines under it name what the headers stand for."""
     if df.empty:
         return "no trials yet"
     labels = [o.label for o in job.objectives]
@@ -237,6 +290,9 @@ def results_view(df: pd.DataFrame, job: JobConfig, *, width: int = 100) -> str:
         held = f"held_out{name.removeprefix('objective')}"
         for col, key in ((name, f"objective:{label}"), (held, held_out_column(label))):
             view[col] = df[key] if key in df.columns else math.nan
+    # as text: a column of ints and None would print "None" or "1500.0000"
+    counts = df["cost:examples"] if "cost:examples" in df.columns else [None] * len(df)
+    view["examples"] = [f"{_count(v):>9}" for v in counts]  # 9: two spaces before the header
     core = len(view.columns)  # never dropped, even past the width
     metrics = dict.fromkeys(  # a one-metric objective is its own column already
         m for o in job.objectives if o.weights for m in o.metrics if m in df.columns)
@@ -245,12 +301,28 @@ def results_view(df: pd.DataFrame, job: JobConfig, *, width: int = 100) -> str:
     legend = [f"{n}: {objective_label(o)} ({o.direction})"
               for n, o in zip(names, job.objectives, strict=True)]
     legend.append("held_out: the same on the held-out split; --all: every column")
+    legend.append(_examples_legend(df))
     legend = [part for line in legend for part in textwrap.wrap(line, width)]
     while True:
         text = view.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")
         if max(len(line) for line in text.splitlines()) <= width or len(view.columns) <= core:
             return "\n".join([text, *legend])
         view = view.drop(columns=view.columns[-1])
+
+
+def _examples_legend(df: pd.DataFrame) -> str:
+    text = ("examples: scored by the trial's search evaluations, every rung (held-out and "
+            "reference passes apart)")
+    known = df["cost:examples"].notna() if "cost:examples" in df.columns else None
+    if known is None or not known.any():
+        return text + "; '-': not recorded (a run of an older evomerge)"
+    if (df["cost:estimated"].fillna(False).astype(bool) & known).any():
+        text += "; estimated from the fractions and data sizes (no scored/ metrics stored)"
+    return text
+
+
+def _count(v: Any) -> str:
+    return "-" if v is None or pd.isna(v) else f"{int(v)}"
 
 
 def held_out_column(label: str) -> str:
