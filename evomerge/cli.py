@@ -172,7 +172,6 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from evomerge.config import load_job
-    from evomerge.runs.summary import run_summary
     from evomerge.search.driver import run_search
 
     job = load_job(args.job)
@@ -194,6 +193,8 @@ def _search(args: argparse.Namespace) -> int:
         from evomerge.search.phases import stored_job
 
         job = stored_job(study)
+    from evomerge.runs.summary import run_summary  # pandas: not before the first progress line
+
     run = f"--storage {args.storage} --study {study.study_name}" if args.storage else None
     print(run_summary(study, job, run=run, total_s=time.monotonic() - started))
     return 0

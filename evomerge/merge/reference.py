@@ -17,14 +17,14 @@ from __future__ import annotations
 import difflib
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from evomerge.merge.coefficients import layer_index, resolve
 from evomerge.merge.methods_spec import KERNEL_ARG, METHODS, MethodSpec
 from evomerge.recipe import Recipe, ps_recipe
+
+if TYPE_CHECKING:  # torch is imported where tensors are merged: plan_merge needs none
+    from torch import Tensor
 
 
 class _Seeded:
@@ -38,7 +38,18 @@ class _Seeded:
 
 
 DARE = _Seeded()
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (dtype name -> torch dtype), built on first use so that importing this
+    module does not import torch."""
+    if name == "DTYPES":
+        import torch
+
+        globals()["DTYPES"] = {n: getattr(torch, n) for n in DTYPE_NAMES}
+        return globals()["DTYPES"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,8 @@ def merge_state_dicts(
     Tensor names follow the base (or the first merged model); non-floating tensors are copied.
     The output dtype is ``recipe.dtype`` if set, else the inputs' dtype.
     """
+    import torch
+
     from evomerge.merge.merge_methods import dare_generator
 
     plan = plan_merge(recipe, available=list(state_dicts))
@@ -163,7 +176,8 @@ def merge_state_dicts(
             ]
         out[name] = plan.spec(base, tensors, **kwargs)
     if recipe.dtype is not None:
-        out = {k: v.to(DTYPES[recipe.dtype]) if v.is_floating_point() else v
+        dtype = getattr(torch, recipe.dtype)
+        out = {k: v.to(dtype) if v.is_floating_point() else v
                for k, v in out.items()}
     return out
 

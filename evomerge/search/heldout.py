@@ -1,7 +1,8 @@
 """After the search: re-evaluate the best trials and the baselines on the held-out split.
 
 Results are stored as study user attributes ``held_out:{trial number}`` (a finished trial's own
-attributes cannot change), so a resumed run only evaluates what is missing or failed.
+attributes cannot change), so a resumed run only evaluates what is missing or failed. The
+phase's last progress line names the best trial and its held-out score (:func:`best_note`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def held_out_phase(
     ]
     results: dict[int, dict[str, Any]] = {}
     step = Step("held_out", len(calls), on_progress) if calls else None
-    for number, result, error in pool.as_completed(calls):
+    for i, (number, result, error) in enumerate(pool.as_completed(calls), 1):
         entry: dict[str, Any] = {"error": error}
         if result is not None:
             metrics, nonfinite = json_metrics(result["metrics"])
@@ -60,7 +61,7 @@ def held_out_phase(
         study.set_user_attr(f"{PREFIX}{number}", entry)
         results[number] = entry
         if step is not None:
-            step.advance()
+            step.advance(note=best_note(job, study) if i == len(calls) else "")
     return results
 
 
@@ -68,3 +69,40 @@ def stored_held_out(study: optuna.Study) -> dict[int, dict[str, Any]]:
     return {
         int(k.removeprefix(PREFIX)): v for k, v in study.user_attrs.items() if k.startswith(PREFIX)
     }
+
+
+def held_out_scores(study: optuna.Study) -> dict[int, float]:
+    """Trial number -> its held-out score: the objective of the job stored in ``study`` on the
+    stored held-out metrics; only trials scored without an error, and ``{}`` unless the job has
+    exactly one objective (read from the storage, so a resumed run sees its earlier scores)."""
+    from evomerge.config import Objective
+    from evomerge.search.objectives import objective_values
+    from evomerge.search.storage import JOB_ATTR
+
+    objectives = (study.user_attrs.get(JOB_ATTR) or {}).get("objectives") or []
+    if len(objectives) != 1:
+        return {}
+    try:
+        objective = Objective.model_validate(objectives[0])
+    except ValueError:  # a job stored by another version: show no held-out score, run on
+        return {}
+    scores = {}
+    for number, entry in stored_held_out(study).items():
+        try:
+            scores[number] = objective_values([objective], entry.get("metrics") or {})[0]
+        except (KeyError, ValueError, TypeError):  # an error entry, a metric with no split
+            continue
+    return scores
+
+
+def best_note(job: JobConfig, study: optuna.Study) -> str:
+    """``best trial 24: held-out=0.7031``: the winner of the run summary (ties on fitness go to
+    the better held-out score) and its held-out score; ``""`` with several objectives or no
+    held-out score for it."""
+    from evomerge.runs.summary import held_out_values, ranked_best
+
+    best = ranked_best(study, job) if len(job.objectives) == 1 else []
+    if not best:
+        return ""
+    score = held_out_values(job, stored_held_out(study).get(best[0].number, {}).get("metrics"))
+    return "" if score[0] is None else f"best trial {best[0].number}: held-out={score[0]:.4g}"

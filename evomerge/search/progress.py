@@ -11,13 +11,18 @@ workers, the held-out and reference evaluations) go to a second callback, ``on_p
 :class:`Progress` events, so that the event stream above stays one event per phase and trial.
 
 The best value is tracked from the values the driver tells, not read back from storage: a
-storage read per trial would make the driver's cost grow with the study.
+storage read per trial would make the driver's cost grow with the study. The held-out score of
+the best is shown when it is known: the held-out pass runs after the search (on the top trials
+only), so during a search only a resumed run knows the held-out scores stored by its earlier
+run (read once, when the :class:`Tracker` starts); the held-out step's last line names the
+best trial (ties broken by held-out, as the run summary does) and its held-out score.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ import optuna
 from optuna.trial import TrialState
 
 PHASES = ("search", "held_out", "reference")
+TICK_S = 1.0  # how often an open bar redraws its clock while no event comes (starting Ray: 30 s)
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class TrialFinished:
     evals_per_min: float  # trials finished by this driver per minute
     elapsed_s: float  # since the search phase started
     eta_s: float | None = None  # at the steady-state rate; None until it is known
+    best_held_out: float | None = None  # the best trial's stored held-out score, if any
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class Progress:
     done: int
     total: int
     elapsed_s: float  # since the step began
+    note: str = ""  # what the step found, sent with its last unit (e.g. the best's held-out)
 
 
 STEP_TEXT = {  # (bar description, log-line verb)
@@ -97,10 +105,10 @@ class Step:
         self.start = time.monotonic()
         self.on_progress(Progress(name, 0, total, 0.0))
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, *, note: str = "") -> None:
         self.done += n
         self.on_progress(Progress(self.name, self.done, self.total,
-                                  time.monotonic() - self.start))
+                                  time.monotonic() - self.start, note))
 
 
 Event = PhaseStarted | PhaseFinished | TrialFinished | Stopped
@@ -113,9 +121,13 @@ def ignore(event: Any) -> None:
 
 
 class Tracker:
-    """Turns the driver's tells into :class:`TrialFinished` events."""
+    """Turns the driver's tells into :class:`TrialFinished` events. The held-out scores stored
+    when it starts (a resumed run's) are read once, with the objective of the job stored in the
+    study; a tie on the best value goes to the better held-out score, as in the run summary."""
 
     def __init__(self, study: optuna.Study, *, budget: int, done: int) -> None:
+        from evomerge.search.heldout import held_out_scores
+
         self.start = time.monotonic()
         self.budget, self.initial = budget, done
         self.sign = 0
@@ -126,12 +138,25 @@ class Tracker:
         self.warm: set[Any] = set()  # the workers that finished their first trial
         self.steady = 0  # trials finished after their worker's first one
         self.steady_since: float | None = None  # when the first worker's first trial ended
+        self.held = held_out_scores(study) if self.sign else {}
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             self._seen(t.number, t.values)
 
     def _seen(self, number: int, values: list[float] | None) -> None:
-        if values and self.sign and self.sign * values[0] > self.best:
-            self.best, self.best_trial = self.sign * values[0], number
+        if not values or not self.sign:
+            return
+        value = self.sign * values[0]
+        tie = value == self.best and self._held(number) > self._held(self.best_trial)
+        if value > self.best or tie:
+            self.best, self.best_trial = value, number
+
+    def _held_out(self, number: int | None) -> float | None:
+        return None if number is None else self.held.get(number)
+
+    def _held(self, number: int | None) -> float:
+        """The held-out score as a sort key (higher is better); -inf when not known."""
+        score = self._held_out(number)
+        return -math.inf if score is None else self.sign * score
 
     def finished(
         self, number: int, state: TrialState, values: list[float] | None, error: str | None,
@@ -148,6 +173,7 @@ class Tracker:
             best_trial=self.best_trial, done=done, budget=self.budget,
             evals_per_min=(done - self.initial) / (elapsed / 60) if elapsed > 0 else 0.0,
             elapsed_s=elapsed, eta_s=eta,
+            best_held_out=self._held_out(self.best_trial),
         )
 
     def _eta(self, worker: Any, now: float, done: int) -> float | None:
@@ -171,7 +197,9 @@ class ProgressBar:
     On a terminal (``bars=None``: stderr is a TTY) each step is a tqdm bar, the search's
     showing trials done/total, best value, evaluations per minute and the ETA at the
     steady-state rate; otherwise (``bars=False``) one log line per phase on stderr, e.g.
-    ``evomerge: workers 2/2 ready (14.2 s)``.
+    ``evomerge: workers 2/2 ready (14.2 s)``. A daemon thread redraws the open bars every
+    :data:`TICK_S` so that their clocks run while a step sends nothing (tqdm redraws on
+    updates only); it and the events share one lock.
     """
 
     def __init__(self, name: str, *, bars: bool | None = None) -> None:
@@ -181,21 +209,21 @@ class ProgressBar:
         self.bar: Any = None
         self.steps: dict[str, Any] = {}
         self.last: TrialFinished | None = None
+        self.lock = threading.RLock()  # the ticker's redraws against the events' updates
+        self.ticker: threading.Thread | None = None
 
     def __call__(self, event: Event | Progress) -> None:
+        with self.lock:
+            self._event(event)
+
+    def _event(self, event: Event | Progress) -> None:
         if isinstance(event, Progress):
             self._progress(event)
         elif isinstance(event, PhaseStarted) and event.phase == "search":
             self.start, self.failed, self.last = time.monotonic(), 0, None  # a phase each
             if self.bars:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(
-                    total=event.budget, initial=event.done, desc=self.name, unit="trial",
-                    dynamic_ncols=True, file=sys.stderr,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                    "[{elapsed}{postfix}]",
-                )
+                self.bar = self._new_bar(total=event.budget, initial=event.done,
+                                         desc=self.name, unit="trial")
         elif isinstance(event, TrialFinished):
             self.failed += event.state == "FAIL"
             self.last = event
@@ -206,7 +234,7 @@ class ProgressBar:
             self.close()
             if not self.bars:
                 text = "" if self.last is None else ": " + _trial_text(self.last, self.failed,
-                                                                      eta=False)
+                                                                      bar=False)
                 took = time.monotonic() - getattr(self, "start", time.monotonic())
                 verb = "stopped" if isinstance(event, Stopped) else "done"
                 _log(f"search {event.done}/{event.budget} trials {verb} ({took:.1f} s){text}")
@@ -215,36 +243,68 @@ class ProgressBar:
         desc, verb = STEP_TEXT.get(p.step, (p.step, "done"))
         if not self.bars:
             if p.done >= p.total:
-                _log(f"{desc.split()[0]} {p.done}/{p.total} {verb} ({p.elapsed_s:.1f} s)"
-                     if p.step != "ray" else f"Ray started ({p.elapsed_s:.1f} s)")
+                _log((f"{desc.split()[0]} {p.done}/{p.total} {verb} ({p.elapsed_s:.1f} s)"
+                      if p.step != "ray" else f"Ray started ({p.elapsed_s:.1f} s)")
+                     + (f": {p.note}" if p.note else ""))
             return
         bar = self.steps.get(p.step)
         if bar is None:
-            from tqdm.auto import tqdm
-
-            bar = self.steps[p.step] = tqdm(
-                total=p.total, desc=desc, dynamic_ncols=True, file=sys.stderr,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]",
-            )
+            bar = self.steps[p.step] = self._new_bar(total=p.total, desc=desc)
+        if p.note:
+            bar.set_postfix_str(p.note, refresh=False)
         bar.update(p.done - bar.n)
         if p.done >= p.total:
             bar.close()
             del self.steps[p.step]
 
+    def _new_bar(self, **kwargs: Any) -> Any:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(dynamic_ncols=True, file=sys.stderr, **kwargs,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                   "[{elapsed}{postfix}]")
+        if self.ticker is None:
+            self.ticker = threading.Thread(target=self._tick, name="evomerge-progress",
+                                           daemon=True)
+            self.ticker.start()
+        return bar
+
+    def _tick(self) -> None:
+        """Redraw the open bars every TICK_S; end when none is open (the next bar starts a
+        new ticker)."""
+        while True:
+            time.sleep(TICK_S)
+            with self.lock:
+                bars = [b for b in (self.bar, *self.steps.values()) if b is not None]
+                if not bars:
+                    self.ticker = None
+                    return
+                for bar in bars:
+                    bar.refresh()
+
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        for bar in self.steps.values():
-            bar.close()
-        self.steps.clear()
+        with self.lock:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            for bar in self.steps.values():
+                bar.close()
+            self.steps.clear()
 
 
-def _trial_text(e: TrialFinished, failed: int, *, eta: bool = True) -> str:
+def _trial_text(e: TrialFinished, failed: int, *, bar: bool = True) -> str:
+    """``best=0.7552 (trial 62, held-out 0.7233) evals/min=73.4 eta=00:09``: the bar's text
+    (``failed=N`` once a trial failed) or the log line's (always ``failed=N``, no ETA). It
+    fits 100 columns after a 10-character job name; tqdm cuts a longer line at the right."""
     best = "-" if e.best is None else f"{e.best:.4g}"
-    best += "" if e.best_trial is None else f" (trial {e.best_trial})"
-    text = f"best={best} evals/min={e.evals_per_min:.1f} failed={failed}"
-    if eta:
+    about = [] if e.best_trial is None else [f"trial {e.best_trial}"]
+    if e.best_held_out is not None:
+        about.append(f"held-out {e.best_held_out:.4g}")
+    best += f" ({', '.join(about)})" if about else ""
+    text = f"best={best} evals/min={e.evals_per_min:.1f}"
+    if failed or not bar:
+        text += f" failed={failed}"
+    if bar:
         text += " eta=" + ("?" if e.eta_s is None else _clock(e.eta_s))
     return text
 
