@@ -31,6 +31,7 @@ import json
 import string
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,7 +192,15 @@ def _pretrain_data(data: dict[str, Any], tok: Any, s: dict[str, Any]) -> dict[st
 
 
 def _save(model: Any, tok: Any, path: Path) -> None:
-    model.save_pretrained(path)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()  # its "Writing model shards" bar would draw
+    hf_logging.disable_progress_bar()  # over the toy-suite bar (and \r redraws in a log)
+    try:
+        model.save_pretrained(path)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     tok.save_pretrained(path)
 
 
@@ -206,6 +215,20 @@ class _Steps:
         self.bar = tqdm(total=len(names), desc="toy suite", unit="step", file=sys.stderr,
                         disable=not self.tty)
         self.names, self.done, self.start = names, 0, time.perf_counter()
+        self.drawn = 0.0  # when the postfix was last redrawn
+
+    def training(self, total: int) -> Callable[[int, float], None]:
+        """An ``on_step`` for :func:`train`: the step count and loss in the bar's postfix,
+        redrawn at most once a second (a terminal only; a log keeps one line per step)."""
+        name = self.names[self.done - 1]
+
+        def on_step(step: int, loss: float) -> None:
+            now = time.perf_counter()
+            if self.tty and (now - self.drawn >= 1.0 or step == total):
+                self.drawn = now
+                self.bar.set_postfix_str(f"{name} {step}/{total} loss {loss:.3f}")
+
+        return on_step
 
     def next(self) -> None:
         """Start the next step (the previous one is done)."""
@@ -234,14 +257,16 @@ def _build(root: Path, s: dict[str, Any]) -> None:
     data = _write_data(root, s)
     enc = {t: encode_rows(splits["train"], tok) for t, splits in data.items()}
     base = make_model(tok, seed=s["seed"], **s["arch"])
-    train(base, _pretrain_data(data, tok, s), s["pretrain_mix"], seed=s["seed"], **s["pretrain"])
+    train(base, _pretrain_data(data, tok, s), s["pretrain_mix"], seed=s["seed"], **s["pretrain"],
+          on_step=steps.training(s["pretrain"]["steps"]))
     _save(base, tok, root / "base")
     models = {"base": base}
     for i, task in enumerate(s["expert_tasks"], start=1):
         steps.next()
         expert = copy.deepcopy(base)
         train(expert, {task: enc[task]}, {task: 1.0}, seed=s["seed"] + i,
-              trainable=lambda name: ".layers." in name, **s["expert"])
+              trainable=lambda name: ".layers." in name, **s["expert"],
+              on_step=steps.training(s["expert"]["steps"]))
         _save(expert, tok, root / "experts" / task)
         models[f"expert/{task}"] = expert
     steps.next()

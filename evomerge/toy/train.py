@@ -97,8 +97,10 @@ def train(
     seed: int = 0,
     warmup: int = 20,
     trainable: Callable[[str], bool] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train ``model`` in place with AdamW on the ``weights`` mixture; returns the step losses."""
+    """Train ``model`` in place with AdamW on the ``weights`` mixture; returns the step losses.
+    ``on_step(steps_done, loss)`` is called after every step (progress)."""
     (ids, labels), probs = _pool(data, weights)
     params = []
     for name, p in model.named_parameters():
@@ -124,6 +126,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
