@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -117,16 +118,30 @@ def _trial_name(t: FrozenTrial) -> str:
     return f"trial {t.number}" + (f" ({baseline})" if baseline else "")
 
 
+def busy_seconds(spans: Iterable[tuple[datetime, datetime]]) -> float:
+    """Seconds covered by the union of the ``(start, end)`` spans: time when at least one trial
+    ran. A resumed run's gap between two drivers (minutes or days) is not counted."""
+    total, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:
+            total, end = total + (b - a).total_seconds(), b
+        elif b > end:
+            total, end = total + (b - end).total_seconds(), b
+    return total
+
+
 def run_stats(study: optuna.Study) -> dict[str, Any]:
-    """Finished trials, failures (interrupted ones apart), wall time of the trials (first
-    start to last end, seconds) and evaluations per minute over it."""
+    """Finished trials, failures (interrupted ones apart), wall time of the trials (seconds
+    when at least one trial ran: a resumed run's pause is left out) and evaluations per
+    minute over it."""
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in FINISHED]
     interrupted = sum(1 for t in finished if t.user_attrs.get(INTERRUPTED))
     failed = sum(1 for t in finished if t.state == TrialState.FAIL) - interrupted
-    starts = [t.datetime_start for t in finished if t.datetime_start]
-    ends = [t.datetime_complete for t in finished if t.datetime_complete]
-    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
+    wall = busy_seconds(
+        (t.datetime_start, t.datetime_complete)
+        for t in finished if t.datetime_start and t.datetime_complete
+    )
     evaluations = len(finished) - interrupted
     return {
         "trials": evaluations,
