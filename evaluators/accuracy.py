@@ -3,12 +3,20 @@
 Rows are either ``{"prompt", "answer"}`` (greedy generation with a KV cache, left padding, cut
 at the first stop string, exact match after ``normalize``) or ``{"prompt", "choices", "label"}``
 (the choice with the highest summed log-likelihood after the prompt wins; ``label`` is the index
-of the right choice, or its text). One file holds one kind of row.
+of the right choice, or its text). One file holds one kind of row; ``field`` names the key
+holding the prompt (default ``prompt``).
+
+``chat_template: true`` renders each prompt as the user turn of the tokenizer's chat template
+(after ``system``, if given) with the assistant header appended, the way an instruct model
+expects; the default stop then is only the end of the turn (EOS), so a multi-line answer (a
+pretty-printed JSON object) is not cut at its first newline. Without it the default stop is
+``"\n"``. A batch stops generating once every sequence has hit a stop string or EOS, and a
+sequence that has stopped leaves the batch (its KV-cache rows are dropped).
 
 >>> from evomerge.config import AccuracyEvalConfig
 >>> cfg = AccuracyEvalConfig(name="accuracy", data="toy_suite/data/reverse")  # doctest: +SKIP
 >>> AccuracyEvaluator(cfg).evaluate(model, tokenizer)  # doctest: +SKIP
-{'accuracy/reverse': 0.97}
+{'accuracy/reverse': 0.97, 'scored/examples/accuracy/reverse': 200.0, ...}
 """
 
 from __future__ import annotations
@@ -17,7 +25,13 @@ from typing import Any
 
 import torch
 
-from evomerge.evaluators.base import default_label, effective_limit, read_jsonl, resolve_data
+from evomerge.evaluators.base import (
+    default_label,
+    effective_limit,
+    read_jsonl,
+    resolve_data,
+    scored,
+)
 from evomerge.evaluators.rows import row_kind
 
 NORMALIZERS = {
@@ -28,39 +42,71 @@ NORMALIZERS = {
 
 
 class AccuracyEvaluator:
-    """``evaluate(model, tokenizer) -> {"accuracy/<label>": fraction correct}``."""
+    """``evaluate(model, tokenizer) -> {"accuracy/<label>": fraction correct, scored/...}``."""
 
     name = "accuracy"
 
     def __init__(self, cfg: Any, *, split: str | None = None) -> None:
         self.cfg = cfg
         self.path = resolve_data(cfg.data, split or cfg.split)
-        self.rows = read_jsonl(self.path, required=("prompt",))
+        self.rows = read_jsonl(self.path, required=(cfg.field,))
         self.kind = row_kind(self.rows, self.path)
-        self.num_examples = len(self.rows)
-        self.metric = f"accuracy/{cfg.label or default_label(cfg.data)}"
+        self.num_examples = effective_limit(len(self.rows), cfg.limit)
+        self.label = f"accuracy/{cfg.label or default_label(cfg.data)}"
+        self.metric = self.label
+        default_stop = () if cfg.chat_template else ("\n",)
+        self.stop: tuple[str, ...] = default_stop if cfg.stop is None else tuple(cfg.stop)
 
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None
     ) -> dict[str, float]:
         """Score the first ``limit`` rows (the smaller of ``limit`` and ``cfg.limit``)."""
         rows = self.rows[: effective_limit(len(self.rows), limit, self.cfg.limit)]
+        prompts = self.prompt_ids(tokenizer, rows)
         bs = self.cfg.batch_size
         with torch.inference_mode():
             if self.kind == "generate":
                 norm = NORMALIZERS[self.cfg.normalize]
-                outs = generate(
-                    model, tokenizer, [r["prompt"] for r in rows],
-                    max_new_tokens=self.cfg.max_new_tokens, stop=self.cfg.stop, batch_size=bs,
-                )
-                hits = [norm(o) == norm(str(r["answer"])) for o, r in zip(outs, rows, strict=True)]
+                outs = generate_ids(model, tokenizer, prompts, stop=self.stop, batch_size=bs,
+                                    max_new_tokens=self.cfg.max_new_tokens)
+                hits = [norm(text) == norm(str(r["answer"]))
+                        for (text, _), r in zip(outs, rows, strict=True)]
+                tokens = sum(n for _, n in outs)
             else:
-                picks = choose(model, tokenizer, rows, batch_size=bs)
-                hits = [
-                    pick == _label_index(r)
-                    for pick, r in zip(picks, rows, strict=True)
-                ]
-        return {self.metric: sum(hits) / len(hits)}
+                picks, tokens = choose_counted(model, tokenizer, rows, prompts, batch_size=bs)
+                hits = [pick == _label_index(r) for pick, r in zip(picks, rows, strict=True)]
+        return {self.metric: sum(hits) / len(hits),
+                **scored(self.label, examples=len(rows), tokens=tokens)}
+
+    def prompt_ids(self, tokenizer: Any, rows: list[dict[str, Any]]) -> list[list[int]]:
+        """The token ids of each row's prompt, rendered with the chat template if configured."""
+        texts = [str(r[self.cfg.field]) for r in rows]
+        if not self.cfg.chat_template:
+            return list(tokenizer(texts)["input_ids"])
+        check_chat_template(tokenizer, self.label)
+        rendered = [chat_text(tokenizer, t, system=self.cfg.system) for t in texts]
+        # the template writes any BOS itself: the tokenizer must not add another
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def check_chat_template(tokenizer: Any, label: str) -> None:
+    """ValueError (one line, with the fix) if ``tokenizer`` has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        where = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"{label}: chat_template is true but the tokenizer of {where!r} has no chat "
+            "template; set chat_template: false and put the rendered prompts in the data, or "
+            "use a model whose tokenizer has one (chat_template.jinja or tokenizer_config.json)"
+        )
+
+
+def chat_text(tokenizer: Any, user: str, *, system: str | None = None) -> str:
+    """``user`` as a user turn (after ``system``) in the chat template, ending with the
+    assistant header (``add_generation_prompt=True``)."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": user})
+    return str(tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True))
 
 
 def _label_index(row: dict[str, Any]) -> int:
@@ -92,20 +138,37 @@ def generate(
     stop: tuple[str, ...] = ("\n",),
     batch_size: int = 32,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, each cut at its first stop string (or EOS).
-
-    Prompts are sorted by length so a batch pads little; the output keeps the input order.
-    """
+    """Greedy continuations of ``prompts``, each cut at its first stop string (or EOS)."""
     if not prompts:
         return []
-    enc = tokenizer(list(prompts))["input_ids"]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    out: list[str] = [""] * len(enc)
+    seqs = list(tokenizer(list(prompts))["input_ids"])
+    outs = generate_ids(model, tokenizer, seqs, max_new_tokens=max_new_tokens, stop=stop,
+                        batch_size=batch_size)
+    return [text for text, _ in outs]
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    seqs: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop: tuple[str, ...],
+    batch_size: int = 32,
+) -> list[tuple[str, int]]:
+    """``(text cut at its first stop string, tokens generated)`` for each prompt's token ids.
+
+    The tokens generated run up to and including the one that completed a stop string or was
+    EOS (at most ``max_new_tokens``). Prompts are sorted by length so a batch pads little; the
+    output keeps the input order.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list[tuple[str, int]] = [("", 0)] * len(seqs)
     for lo in range(0, len(order), batch_size):
         idx = order[lo : lo + batch_size]
-        texts = _greedy_batch(model, tokenizer, [enc[i] for i in idx], max_new_tokens, stop)
-        for i, text in zip(idx, texts, strict=True):
-            out[i] = text
+        news = _greedy_batch(model, tokenizer, [seqs[i] for i in idx], max_new_tokens, stop)
+        for i, new in zip(idx, news, strict=True):
+            out[i] = (_text(tokenizer, new, stop), len(new))
     return out
 
 
@@ -114,55 +177,75 @@ def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def _text(tokenizer: Any, new: list[int], stop: tuple[str, ...]) -> str:
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in new:
+        new = new[: new.index(eos)]
+    return _cut(tokenizer.decode(new, skip_special_tokens=True), stop)[0]
+
+
 def _greedy_batch(
     model: Any, tokenizer: Any, seqs: list[list[int]], max_new: int, stop: tuple[str, ...]
-) -> list[str]:
+) -> list[list[int]]:
+    """The new token ids of each sequence, up to the one that ended it.
+
+    A sequence that has stopped leaves the batch: its rows of the KV cache, mask and positions
+    are dropped, so the batch costs what its unfinished sequences cost, and the loop ends when
+    none is left.
+    """
     from transformers import DynamicCache
 
     ids, mask = _left_pad(seqs, _pad_id(tokenizer), model.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     eos = tokenizer.eos_token_id
-    tail = max((len(s) for s in stop), default=0)
-    new = torch.empty((len(seqs), 0), dtype=torch.long, device=ids.device)
-    done = torch.zeros(len(seqs), dtype=torch.bool, device=ids.device)
+    new: list[list[int]] = [[] for _ in seqs]
+    alive = list(range(len(seqs)))  # batch row -> sequence
     step_ids = ids
     for _ in range(max_new):
         logits = model(
             input_ids=step_ids, attention_mask=mask, position_ids=pos,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
-        nxt = logits.argmax(-1)
-        new = torch.cat([new, nxt[:, None]], dim=1)
-        if eos is not None:
-            done |= nxt == eos
-        if tail:  # a stop string ends in the last ``tail`` tokens (each >= 1 character)
-            texts = tokenizer.batch_decode(new[:, -tail:], skip_special_tokens=True)
-            done |= torch.tensor([_cut(t, stop)[1] for t in texts], device=done.device)
-        if bool(done.all()):
+        for i, token in zip(alive, logits.argmax(-1).tolist(), strict=True):
+            new[i].append(token)
+        ended = [eos is not None and new[i][-1] == eos for i in alive]
+        if any(stop):  # the whole answer: a special token decodes to "" inside a stop string
+            texts = tokenizer.batch_decode([new[i] for i in alive], skip_special_tokens=True)
+            ended = [e or _cut(t, stop)[1] for e, t in zip(ended, texts, strict=True)]
+        keep = [row for row, e in enumerate(ended) if not e]
+        if not keep:
             break
-        step_ids = nxt[:, None]
+        if len(keep) < len(alive):
+            rows = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(rows)
+            mask, pos = mask[rows], pos[rows]
+            alive = [alive[row] for row in keep]
+        step_ids = torch.tensor([[new[i][-1]] for i in alive], device=ids.device)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-    texts = []
-    for row in new.tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        texts.append(_cut(tokenizer.decode(row, skip_special_tokens=True), stop)[0])
-    return texts
+    return new
 
 
 def choose(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int = 32
 ) -> list[int]:
     """For each row, the index of the choice with the highest summed log-likelihood."""
+    prompts = list(tokenizer([r["prompt"] for r in rows])["input_ids"])
+    return choose_counted(model, tokenizer, rows, prompts, batch_size=batch_size)[0]
+
+
+def choose_counted(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], prompts: list[list[int]], *,
+    batch_size: int = 32,
+) -> tuple[list[int], int]:
+    """:func:`choose` on the given prompt token ids; also the number of choice tokens scored."""
     pairs: list[tuple[list[int], int]] = []  # (tokens, number of choice tokens at the end)
-    for row in rows:
-        prompt = tokenizer(row["prompt"])["input_ids"]
+    for lineno, (row, prompt) in enumerate(zip(rows, prompts, strict=True), start=1):
         for choice in row["choices"]:
             cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
             if not cont:
-                raise ValueError(f"choice {choice!r} of prompt {row['prompt']!r} has no tokens")
+                raise ValueError(f"row {lineno}: choice {choice!r} has no tokens; remove it")
             pairs.append((prompt + cont, len(cont)))
     batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
     flat = torch.cat([_loglik(model, tokenizer, b) for b in batches]).tolist()
@@ -171,7 +254,7 @@ def choose(
         scores = flat[at : at + len(row["choices"])]
         picks.append(scores.index(max(scores)))  # the first of equal scores
         at += len(scores)
-    return picks
+    return picks, sum(n for _, n in pairs)
 
 
 def _loglik(model: Any, tokenizer: Any, pairs: list[tuple[list[int], int]]) -> torch.Tensor:

@@ -13,6 +13,14 @@ class Evaluator(Protocol):
 
     Metric names are namespaced: ``accuracy/reverse``, ``lm_eval/toy_add/exact_match``.
     ``limit`` caps the number of examples (used by multi-fidelity search).
+
+    Evaluation cost: beside its metrics every result carries, for each ``<label>`` the
+    evaluator names metrics with (``accuracy/reverse``, ``lm_eval/toy_add``, ``cost``), the
+    counts ``scored/examples/<label>`` (examples scored in this call: the limited number under
+    a ``limit``) and ``scored/tokens/<label>`` (tokens generated, or for likelihood scoring the
+    tokens whose predictions were scored), as floats (:func:`scored`). Sum
+    ``scored/examples/*`` over a trial's results for its cost; the ``scored/`` prefix never
+    matches a quality metric's pattern (``accuracy/*``).
     """
 
     name: str
@@ -20,6 +28,24 @@ class Evaluator(Protocol):
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None
     ) -> dict[str, float]: ...
+
+
+SCORED_EXAMPLES = "scored/examples/"
+SCORED_TOKENS = "scored/tokens/"
+
+
+def scored(label: str, *, examples: int, tokens: int) -> dict[str, float]:
+    """The cost counts of one evaluator result (see :class:`Evaluator`).
+
+    >>> scored("accuracy/add", examples=16, tokens=40)
+    {'scored/examples/accuracy/add': 16.0, 'scored/tokens/accuracy/add': 40.0}
+    """
+    return {f"{SCORED_EXAMPLES}{label}": float(examples), f"{SCORED_TOKENS}{label}": float(tokens)}
+
+
+def is_scored(metric: str) -> bool:
+    """True for a cost count (``scored/...``), False for a quality metric."""
+    return metric.startswith("scored/")
 
 
 def resolve_data(data: str, split: str) -> Path:

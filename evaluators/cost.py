@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from evomerge.evaluators.base import scored
+
 LATENCY_PROMPT = "hello world"
+LATENCY_REPEATS = 3  # timed runs, after one warm-up
 
 
 def count_params(model: Any) -> int:
@@ -63,7 +66,8 @@ def ms_per_token(model: Any, tokenizer: Any, *, tokens: int, repeats: int = 3) -
 
 
 class CostEvaluator:
-    """``evaluate(model, tokenizer) -> {"cost/params", "cost/layers"[, "cost/ms_per_token"]}``."""
+    """``evaluate(model, tokenizer) -> {"cost/params", "cost/layers"[, "cost/ms_per_token"]}``
+    and the ``scored/`` counts of label ``cost``."""
 
     name = "cost"
 
@@ -73,8 +77,13 @@ class CostEvaluator:
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None
     ) -> dict[str, float]:
-        """Cost metrics; ``limit`` does not apply (no examples are read)."""
+        """Cost metrics; ``limit`` does not apply (no examples are read).
+
+        The ``scored/`` counts are 0 examples and the tokens decoded to time the latency
+        (``(1 + LATENCY_REPEATS) * latency_tokens`` with ``latency: true``, else 0).
+        """
         out = {"cost/params": float(count_params(model)), "cost/layers": float(layers_run(model))}
+        tokens = 0
         if self.cfg.latency:
             if not hasattr(model, "generate"):
                 raise TypeError(
@@ -82,6 +91,7 @@ class CostEvaluator:
                     "Set latency: false"
                 )
             out["cost/ms_per_token"] = ms_per_token(
-                model, tokenizer, tokens=self.cfg.latency_tokens
+                model, tokenizer, tokens=self.cfg.latency_tokens, repeats=LATENCY_REPEATS
             )
-        return out
+            tokens = (1 + LATENCY_REPEATS) * self.cfg.latency_tokens
+        return {**out, **scored("cost", examples=0, tokens=tokens)}

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from evomerge.evaluators.base import scored
 from evomerge.evaluators.text import TextEvaluator, model_max_length
 
 Positions = Literal["prompt", "last", "answer"]
@@ -50,7 +51,8 @@ def prediction_entropy(
 
 
 class EntropyEvaluator(TextEvaluator):
-    """``evaluate(model, tokenizer) -> {"entropy/<label>": mean entropy in nats}``."""
+    """``evaluate(model, tokenizer) -> {"entropy/<label>": mean entropy in nats}`` and the
+    ``scored/`` counts (prompts; tokens whose predictions were scored)."""
 
     name = "entropy"
 
@@ -65,7 +67,8 @@ class EntropyEvaluator(TextEvaluator):
                 s, n = prediction_entropy(model, ids, mask)
                 total += float(s)
                 count += n
-        return {self.metric: total / count}
+        examples = self.count(limit)
+        return {self.metric: total / count, **scored(self.label, examples=examples, tokens=count)}
 
 
 # -- entropy at chosen positions, under substituted parameters (AdaMerging's loss) -------------

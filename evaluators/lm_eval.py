@@ -16,12 +16,18 @@ lm-eval compiles each Jinja prompt template again for every document (``utils.ap
 installs :func:`cached_apply_template` in its process instead: the same environment and the
 same rendering, with the compiled template of each template string kept (an LRU of 4096).
 
+Evaluation cost: per task, ``scored/examples/lm_eval/<task>`` is the number of documents
+scored (lm-eval's ``n-samples``, so the limited number under a ``limit``) and
+``scored/tokens/lm_eval/<task>`` the tokens of the generated answers (re-tokenized, the stop
+string excluded) plus the tokens of every scored log-likelihood continuation, counted by a
+subclass of ``HFLM`` around its three request methods.
+
 Set ``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` for local tasks, so nothing reaches the network.
 
 >>> from evomerge.config import LmEvalConfig
 >>> cfg = LmEvalConfig(name="lm_eval", tasks=("toy_reverse",), include_path="toy_suite/tasks")
 >>> LmEvalEvaluator(cfg).evaluate(model, tokenizer)  # doctest: +SKIP
-{'lm_eval/toy_reverse/exact_match': 0.93}
+{'lm_eval/toy_reverse/exact_match': 0.93, 'scored/examples/lm_eval/toy_reverse': 100.0, ...}
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evomerge.evaluators.base import effective_limit
+from evomerge.evaluators.base import effective_limit, scored
 
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default, so few-shot prompts match the CLI
 
@@ -117,8 +124,47 @@ def numeric_metrics(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@functools.cache
+def counting_lm_class() -> Any:
+    """``HFLM`` that also counts, per task, the tokens it generated or scored (``tokens``)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class CountingHFLM(HFLM):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.tokens: Counter[str] = Counter()
+
+        def _count(self, requests: Any, texts: Sequence[str]) -> None:
+            for req, text in zip(requests, texts, strict=True):
+                self.tokens[req.task_name] += len(self.tok_encode(text, add_special_tokens=False))
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            out = super().generate_until(requests, disable_tqdm)
+            self._count(requests, out)
+            return out
+
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self._count(requests, [req.args[1] for req in requests])  # the continuations
+            return super().loglikelihood(requests, disable_tqdm)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            self._count(requests, [req.args[0] for req in requests])
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+
+    return CountingHFLM
+
+
+def scored_counts(results: dict[str, Any], tokens: Counter[str]) -> dict[str, float]:
+    """``scored/examples/lm_eval/<task>`` and ``scored/tokens/lm_eval/<task>`` per task."""
+    out: dict[str, float] = {}
+    for task, n in results.get("n-samples", {}).items():
+        out.update(scored(f"lm_eval/{task}", examples=int(n["effective"]), tokens=tokens[task]))
+    return out
+
+
 class LmEvalEvaluator:
-    """``evaluate(model, tokenizer) -> {"lm_eval/<task>/<metric>": value}``."""
+    """``evaluate(model, tokenizer) -> {"lm_eval/<task>/<metric>": value}`` and the
+    ``scored/`` counts of each task."""
 
     name = "lm_eval"
 
@@ -131,16 +177,16 @@ class LmEvalEvaluator:
         self.task_dict = load_task_dict(
             self.tasks, cfg.include_path, split=self.split, num_fewshot=cfg.num_fewshot
         )
-        self.num_examples = max(len(t.eval_docs) for t in self.task_dict["tasks"].values())
+        docs = max(len(t.eval_docs) for t in self.task_dict["tasks"].values())
+        self.num_examples = effective_limit(docs, cfg.limit)  # what a full evaluation scores
         self._lm: Any = None
         self._tokenizer: Any = None
 
     def _wrap(self, model: Any, tokenizer: Any) -> Any:
         lm = self._lm
         if lm is None or lm.model is not model or self._tokenizer is not tokenizer:
-            from lm_eval.models.huggingface import HFLM
-
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size)
+            lm = counting_lm_class()(pretrained=model, tokenizer=tokenizer,
+                                     batch_size=self.cfg.batch_size)
             self._lm, self._tokenizer = lm, tokenizer
         return lm
 
@@ -150,8 +196,10 @@ class LmEvalEvaluator:
         """Run the tasks on the model's current weights (first ``limit`` docs of each task)."""
         from lm_eval.evaluator import evaluate
 
+        lm = self._wrap(model, tokenizer)
+        lm.tokens.clear()
         results = evaluate(
-            lm=self._wrap(model, tokenizer),
+            lm=lm,
             task_dict=self.task_dict,
             limit=effective_limit(self.num_examples, limit, self.cfg.limit),
             bootstrap_iters=0,
@@ -159,4 +207,4 @@ class LmEvalEvaluator:
         )
         if results is None:
             raise RuntimeError("lm_eval returned no results (not rank 0 of a distributed run)")
-        return numeric_metrics(results)
+        return {**numeric_metrics(results), **scored_counts(results, lm.tokens)}

@@ -21,8 +21,11 @@ SPLITS = ("train", "validation", "test")
 MAX_GEN_TOKS = 32
 
 
-def toy_task_config(name: str, data_files: dict[str, str]) -> dict[str, Any]:
-    """The lm-eval config of one local generate task named ``toy_<name>``."""
+def toy_task_config(
+    name: str, data_files: dict[str, str], *, until: Sequence[str] = ("\n",)
+) -> dict[str, Any]:
+    """The lm-eval config of one local generate task named ``toy_<name>``, generating until
+    one of ``until`` (its stop strings; EOS always stops too)."""
     return {
         "task": f"toy_{name}",
         "dataset_path": "json",
@@ -35,7 +38,8 @@ def toy_task_config(name: str, data_files: dict[str, str]) -> dict[str, Any]:
         "doc_to_target": "{{answer}}",
         # lm-eval puts a space between prompt and target unless told otherwise
         "target_delimiter": "",
-        "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": MAX_GEN_TOKS},
+        "generation_kwargs": {"until": list(until), "do_sample": False,
+                              "max_gen_toks": MAX_GEN_TOKS},
         "metric_list": [
             {
                 "metric": "exact_match",

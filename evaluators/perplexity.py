@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evomerge.evaluators.base import scored
 from evomerge.evaluators.text import TextEvaluator
 
 
@@ -28,7 +29,8 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor)
 
 
 class PerplexityEvaluator(TextEvaluator):
-    """``evaluate(model, tokenizer) -> {"perplexity/<label>": perplexity}`` (lower is better)."""
+    """``evaluate(model, tokenizer) -> {"perplexity/<label>": perplexity}`` (lower is better)
+    and the ``scored/`` counts (texts; predicted tokens)."""
 
     name = "perplexity"
 
@@ -53,4 +55,5 @@ class PerplexityEvaluator(TextEvaluator):
                 f"{self.path}: no token to predict; every text is a single token after "
                 "tokenization (perplexity needs at least two)"
             )
-        return {self.metric: math.exp(total / count)}
+        tokens = scored(self.label, examples=self.count(limit), tokens=count)
+        return {self.metric: math.exp(total / count), **tokens}

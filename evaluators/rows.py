@@ -1,4 +1,5 @@
-"""The row kinds of the accuracy evaluator's JSONL, checked without torch (preflight uses it).
+"""The row kinds of the accuracy evaluator's JSONL, and whether a saved tokenizer has a chat
+template, checked without torch (preflight uses them).
 
 >>> row_kind([{"prompt": "2+2=", "answer": "4"}], "d.jsonl")
 'generate'
@@ -6,7 +7,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
 def row_kind(rows: list[dict[str, Any]], path: Any) -> str:
@@ -36,3 +41,19 @@ def _check_choices(row: dict[str, Any], path: Any, lineno: int) -> None:
             f"{path}: row {lineno}: label {label!r} is neither an index into the "
             f"{len(choices)} choices nor one of them"
         )
+
+
+def has_chat_template(folder: str | Path) -> bool:
+    """Whether the tokenizer saved in ``folder`` has a chat template, read without transformers
+    (``chat_template.jinja``/``.json``, or ``chat_template`` in ``tokenizer_config.json``): a
+    preflight check for ``chat_template: true``."""
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (ValueError, AttributeError):
+        return False

@@ -55,7 +55,9 @@ def load_texts(path: Path, field: str) -> list[str]:
 class TextEvaluator:
     """Shared part of the text evaluators: the texts of one split and their batches.
 
-    Subclasses set ``name`` (the metric prefix) and implement ``evaluate``.
+    Subclasses set ``name`` (the metric prefix) and implement ``evaluate``. ``num_examples``
+    is what a full evaluation scores (the split, capped by ``cfg.limit``): the worker's
+    fidelity fractions are fractions of it.
     """
 
     name = "text"
@@ -64,15 +66,20 @@ class TextEvaluator:
         self.cfg = cfg
         self.path = resolve_data(cfg.data, split or cfg.split)
         self.texts = load_texts(self.path, cfg.field)
-        self.num_examples = len(self.texts)
-        self.metric = f"{self.name}/{cfg.label or default_label(cfg.data)}"
+        self.num_examples = effective_limit(len(self.texts), cfg.limit)
+        self.label = f"{self.name}/{cfg.label or default_label(cfg.data)}"
+        self.metric = self.label
+
+    def count(self, limit: int | None) -> int:
+        """Texts scored under ``limit`` (the smaller of ``limit`` and ``cfg.limit``)."""
+        return effective_limit(len(self.texts), limit, self.cfg.limit)
 
     def batches(
         self, model: Any, tokenizer: Any, *, limit: int | None, max_length: int | None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Right-padded ``(ids, mask)`` on the model's device, ``cfg.batch_size`` texts each,
         over the first ``limit`` texts (the smaller of ``limit`` and ``cfg.limit``)."""
-        texts = self.texts[: effective_limit(len(self.texts), limit, self.cfg.limit)]
+        texts = self.texts[: self.count(limit)]
         bs = self.cfg.batch_size
         for lo in range(0, len(texts), bs):
             ids, mask = encode_right_padded(tokenizer, texts[lo : lo + bs], max_length=max_length)

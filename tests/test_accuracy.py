@@ -9,6 +9,7 @@ import torch
 
 from evomerge.config import AccuracyEvalConfig
 from evomerge.evaluators.accuracy import AccuracyEvaluator, choose, generate
+from evomerge.evaluators.base import is_scored
 from evomerge.toy.tokenizer import make_tokenizer
 
 PROMPTS = ["rev:abc>", "x>", "cpy:abcdefgh>", "srt:31>", "swp:abcdef>", "a>", "sft:zz>",
@@ -62,6 +63,11 @@ def write(path, rows):
     return path
 
 
+def quality(metrics):
+    """The metrics without the ``scored/`` cost counts (tests/test_scored_counts.py has those)."""
+    return {k: v for k, v in metrics.items() if not is_scored(k)}
+
+
 def evaluator(tmp_path, rows, **cfg):
     folder = tmp_path / "mytask"
     write(folder / "validation.jsonl", rows)
@@ -73,17 +79,18 @@ def evaluator(tmp_path, rows, **cfg):
 def test_a_model_that_emits_the_answer_scores_one(forced, tmp_path, batch_size):
     rows = [{"prompt": p, "answer": "cba"} for p in PROMPTS]
     out = evaluator(tmp_path, rows, batch_size=batch_size).evaluate(*forced)
-    assert out == {"accuracy/mytask": 1.0}
+    assert quality(out) == {"accuracy/mytask": 1.0}
 
 
 def test_exact_match_fraction_limit_and_label(forced, tmp_path):
     rows = [{"prompt": p, "answer": "cba" if i % 4 else "abc"} for i, p in enumerate(PROMPTS)]
     ev = evaluator(tmp_path, rows, label="mine")
-    assert ev.evaluate(*forced) == {"accuracy/mine": 0.7}  # rows 0, 4, 8 are wrong
-    assert ev.evaluate(*forced, limit=4) == {"accuracy/mine": 0.75}
-    assert evaluator(tmp_path, rows, limit=2).evaluate(*forced, limit=5) == {
+    assert quality(ev.evaluate(*forced)) == {"accuracy/mine": 0.7}  # rows 0, 4, 8 are wrong
+    assert quality(ev.evaluate(*forced, limit=4)) == {"accuracy/mine": 0.75}
+    assert quality(evaluator(tmp_path, rows, limit=2).evaluate(*forced, limit=5)) == {
         "accuracy/mytask": 0.5}
     assert ev.num_examples == len(PROMPTS)
+    assert evaluator(tmp_path, rows, limit=2).num_examples == 2  # fidelity fractions of this
 
 
 @pytest.mark.parametrize(
@@ -93,7 +100,7 @@ def test_exact_match_fraction_limit_and_label(forced, tmp_path):
 )
 def test_normalize(forced, tmp_path, normalize, answer, expected):
     rows = [{"prompt": "rev:abc>", "answer": answer}]
-    assert evaluator(tmp_path, rows, normalize=normalize).evaluate(*forced) == {
+    assert quality(evaluator(tmp_path, rows, normalize=normalize).evaluate(*forced)) == {
         "accuracy/mytask": expected}
 
 
@@ -130,6 +137,55 @@ def test_left_padded_batches_match_unpadded_hf_generate(tiny_models):
             assert generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=bs) == expected
 
 
+def generate_to_the_end_then_cut(model, tok, prompt, max_new, stop):
+    """The reference: ``max_new`` greedy tokens of ``prompt`` alone (no cache, no batch), then
+    the text cut at EOS or the first stop string, and how many tokens that end took."""
+    ids = tok(prompt)["input_ids"]
+    new = []
+    for _ in range(max_new):
+        new.append(int(model(torch.tensor([ids + new])).logits[0, -1].argmax()))
+    end = next((k for k in range(1, max_new + 1) if new[k - 1] == tok.eos_token_id
+                or any(s in tok.decode(new[:k], skip_special_tokens=True) for s in stop)),
+               max_new)
+    text = tok.decode([t for t in new[:end] if t != tok.eos_token_id], skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop if s in text]
+    return (text[: min(cuts)] if cuts else text), end
+
+
+@pytest.mark.parametrize("stop", [("\n",), ("y", "zv"), (".>", "?"), ()])
+def test_early_stop_equals_generating_to_the_end_then_cutting(tiny_models, stop):
+    """Batched generation that drops each finished sequence from the batch gives the texts
+    (and token counts) of generating every prompt alone to ``max_new_tokens`` then cutting;
+    the batch shrinks as sequences stop."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.evaluators.accuracy import generate_ids
+    from tests.conftest import perturbed
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["base"]).eval()
+    model = perturbed(model, seed=7, scale=0.5)
+    tok = make_tokenizer()
+    with torch.inference_mode():
+        want = [generate_to_the_end_then_cut(model, tok, p, 12, stop) for p in PROMPTS]
+        seqs = [tok(p)["input_ids"] for p in PROMPTS]
+        sizes = []
+        hook = model.register_forward_pre_hook(
+            lambda _m, _a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        try:
+            got = generate_ids(model, tok, seqs, max_new_tokens=12, stop=stop, batch_size=16)
+        finally:
+            hook.remove()
+        assert got == want
+        for bs in (1, 3):
+            assert generate_ids(model, tok, seqs, max_new_tokens=12, stop=stop,
+                                batch_size=bs) == want
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == len(PROMPTS)
+    assert len(sizes) == max(n for _, n in want)  # no step after the last sequence stopped
+    if len({n for _, n in want}) > 1:
+        assert sizes[-1] < sizes[0]  # finished sequences left the batch
+
+
 # -- log-likelihood --------------------------------------------------------------------------
 def test_choices_by_log_likelihood(forced, tmp_path):
     rows = [
@@ -139,7 +195,7 @@ def test_choices_by_log_likelihood(forced, tmp_path):
         {"prompt": "srt:1>", "choices": ["c", "cb", "cba\n"], "label": 0},  # shortest: least loss
     ]
     for bs in (1, 2, 16):
-        assert evaluator(tmp_path, rows, batch_size=bs).evaluate(*forced) == {
+        assert quality(evaluator(tmp_path, rows, batch_size=bs).evaluate(*forced)) == {
             "accuracy/mytask": 0.75}
 
 
@@ -183,7 +239,7 @@ def test_missing_file_names_the_path(tmp_path):
 def test_a_single_file_and_its_label(forced, tmp_path):
     path = write(tmp_path / "probe.jsonl", [{"prompt": "a>", "answer": "cba"}])
     ev = AccuracyEvaluator(AccuracyEvalConfig(name="accuracy", data=str(path)))
-    assert ev.evaluate(*forced) == {"accuracy/probe": 1.0}
+    assert quality(ev.evaluate(*forced)) == {"accuracy/probe": 1.0}
 
 
 @pytest.mark.parametrize(

@@ -348,6 +348,8 @@ CASES: list[tuple[str, str, Build, str]] = [
      "models.base.path: 'no-org/no-model' is no local folder, and as a hub model at revision"),
     ("models", "model_is_file", expert("a_file"), "models.experts.a.path: model 'a'"),
     ("models", "model_no_config", expert("empty"), "has no config.json"),
+    ("data", "chat_template_missing", set_("evaluators.0.chat_template", True),
+     "evaluators.0.chat_template: true but the tokenizer in"),
     ("models", "model_bad_config_json", expert("bad_json"), "config.json' is not valid JSON"),
     ("models", "model_no_weights", expert("no_weights"), "no *.safetensors weights"),
     ("models", "pickle_only", expert("pickled"), "only pickle weights (pytorch_model.bin)"),

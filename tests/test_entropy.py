@@ -66,7 +66,7 @@ def test_entropy_function_known_values():
 def test_uniform_logits_give_log_vocab(data, lm):
     _, tok = lm
     out = EntropyEvaluator(cfg(data)).evaluate(FixedLogits(torch.zeros(len(tok))), tok)
-    assert out == {"entropy/mix": pytest.approx(math.log(len(tok)), abs=1e-6)}
+    assert out["entropy/mix"] == pytest.approx(math.log(len(tok)), abs=1e-6)
 
 
 def test_one_hot_logits_give_zero(data, lm):
@@ -127,7 +127,9 @@ def test_label_and_field(tmp_path, lm):
     model, tok = lm
     path = write_rows(tmp_path / "q.jsonl", [{"question": "rev:abc>"}])
     out = EntropyEvaluator(cfg(path, field="question", label="qa")).evaluate(model, tok)
-    assert list(out) == ["entropy/qa"]
+    assert list(out) == ["entropy/qa", "scored/examples/entropy/qa", "scored/tokens/entropy/qa"]
+    assert out["scored/examples/entropy/qa"] == 1.0
+    assert out["scored/tokens/entropy/qa"] == len(tok("rev:abc>")["input_ids"])
 
 
 def test_bad_input(tmp_path):

@@ -6,6 +6,7 @@ without a case fails here until one is added.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 
@@ -19,9 +20,16 @@ from evomerge.config import (
     LmEvalConfig,
     PerplexityEvalConfig,
 )
-from evomerge.evaluators.base import Evaluator, build_evaluator
+from evomerge.evaluators.base import (
+    SCORED_EXAMPLES,
+    SCORED_TOKENS,
+    Evaluator,
+    build_evaluator,
+    is_scored,
+)
 from evomerge.evaluators.lm_tasks import write_toy_tasks
 from evomerge.registries import EVALUATORS
+from evomerge.search.objectives import scored_patterns
 
 ROWS = [{"prompt": f"rev:{w}>", "answer": w[::-1]} for w in
         ("abc", "hello", "xy", "mnop", "qrstu", "z")]
@@ -86,10 +94,33 @@ class TestEvaluatorContract:
 
     def test_namespaced_finite_floats(self, name, cases, built, lm):
         out = self.evaluator(name, cases, built).evaluate(*lm)
-        assert isinstance(out, dict) and out
+        assert isinstance(out, dict) and any(not is_scored(k) for k in out)
         for key, value in out.items():
-            assert key.startswith(f"{name}/") and len(key) > len(name) + 1, key
+            prefix = "scored/" if is_scored(key) else f"{name}/"
+            assert key.startswith(prefix) and len(key) > len(prefix), key
             assert type(value) is float and math.isfinite(value), (key, value)
+
+    @pytest.mark.parametrize("limit", [None, LIMIT])
+    def test_scored_counts(self, name, cases, built, lm, limit):
+        """Each result counts what it scored: ``scored/examples/<label>`` is the examples
+        (the limited number under a limit; 0 for cost), ``scored/tokens/<label>`` > 0 where
+        examples were scored; every label prefixes the evaluator's metrics."""
+        out = self.evaluator(name, cases, built).evaluate(*lm, limit=limit)
+        examples = {k.removeprefix(SCORED_EXAMPLES): v for k, v in out.items()
+                    if k.startswith(SCORED_EXAMPLES)}
+        tokens = {k.removeprefix(SCORED_TOKENS): v for k, v in out.items()
+                  if k.startswith(SCORED_TOKENS)}
+        assert examples and set(examples) == set(tokens)
+        assert len(examples) + len(tokens) == sum(is_scored(k) for k in out)
+        quality = [k for k in out if not is_scored(k)]
+        for label, n in examples.items():
+            assert label == name or any(k.startswith(f"{label}/") or k == label
+                                        for k in quality), (label, quality)
+            assert n == (0 if name == "cost" else (limit or len(ROWS)))
+            assert tokens[label] == int(tokens[label]) and (tokens[label] > 0) == (n > 0)
+        patterns = scored_patterns(cases[0][name])
+        assert all(any(fnmatch.fnmatchcase(k, p) for p in patterns)
+                   for k in out if is_scored(k))
 
     def test_deterministic(self, name, cases, built, lm):
         ev = self.evaluator(name, cases, built)

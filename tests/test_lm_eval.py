@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from evomerge.config import LmEvalConfig
+from evomerge.evaluators.base import is_scored
 from evomerge.evaluators.lm_eval import LmEvalEvaluator, numeric_metrics
 from evomerge.evaluators.lm_tasks import write_toy_tasks
 
@@ -72,6 +73,10 @@ def suite(tiny_models, tmp_path_factory, request):
     return {"root": root, "tasks": tasks, "cli": cli, "model": model, "tok": tok}
 
 
+def quality(metrics):
+    return {k: v for k, v in metrics.items() if not is_scored(k)}
+
+
 def config(suite, **kw):
     return LmEvalConfig(name="lm_eval", tasks=("toy_rev",), include_path=str(suite["tasks"]),
                         batch_size=4, **kw)
@@ -102,21 +107,38 @@ def test_write_toy_tasks_needs_the_data(tmp_path):
 
 
 def test_scores_the_configured_split(suite, ev):
-    assert ev.evaluate(suite["model"], suite["tok"]) == {METRIC: 0.5}
+    assert quality(ev.evaluate(suite["model"], suite["tok"])) == {METRIC: 0.5}
     held_out = LmEvalEvaluator(config(suite), split="test")
-    assert held_out.evaluate(suite["model"], suite["tok"]) == {METRIC: 0.25}
+    assert quality(held_out.evaluate(suite["model"], suite["tok"])) == {METRIC: 0.25}
     assert ev.num_examples == len(WORDS)
 
 
 def test_held_out_tasks_run_on_their_own_split(suite):
     ev = LmEvalEvaluator(config(suite, held_out_tasks=("toy_rev",)), split="test")
     assert ev.split is None  # the YAML's test_split
-    assert ev.evaluate(suite["model"], suite["tok"]) == {METRIC: 0.25}
+    assert quality(ev.evaluate(suite["model"], suite["tok"])) == {METRIC: 0.25}
 
 
 def test_limit(suite, ev):
-    assert ev.evaluate(suite["model"], suite["tok"], limit=1) == {METRIC: 1.0}
-    assert ev.evaluate(suite["model"], suite["tok"], limit=3) == {METRIC: pytest.approx(2 / 3)}
+    assert quality(ev.evaluate(suite["model"], suite["tok"], limit=1)) == {METRIC: 1.0}
+    assert quality(ev.evaluate(suite["model"], suite["tok"], limit=3)) == {
+        METRIC: pytest.approx(2 / 3)}
+    assert LmEvalEvaluator(config(suite, limit=5)).num_examples == 5  # fidelity fractions of it
+
+
+def test_scored_counts_are_the_docs_and_the_generated_tokens(suite, ev):
+    """``scored/examples`` is the documents scored (the limit), ``scored/tokens`` the tokens of
+    the answers generated (the model's greedy text up to the newline stop)."""
+    model, tok = suite["model"], suite["tok"]
+    for limit in (3, None):
+        out = ev.evaluate(model, tok, limit=limit)
+        words = WORDS[:limit]
+        answers = [greedy(model, tok, f"rev:{w}>") for w in words]
+        tokens = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        assert out["scored/examples/lm_eval/toy_rev"] == len(words)
+        assert out["scored/tokens/lm_eval/toy_rev"] == tokens > 0
+        assert sorted(out) == [METRIC, "scored/examples/lm_eval/toy_rev",
+                               "scored/tokens/lm_eval/toy_rev"]
 
 
 def test_new_weights_in_the_same_model_are_scored(suite, ev, tiny_models):
@@ -165,7 +187,7 @@ def test_equals_the_lm_eval_cli(suite):
     (result,) = (suite["root"] / "cli").rglob("results_*.json")
     cli_score = json.loads(result.read_text())["results"]["toy_rev"]["exact_match,none"]
     ours = LmEvalEvaluator(config(suite), split="test").evaluate(suite["model"], suite["tok"])
-    assert ours == {METRIC: cli_score} and cli_score == 0.25
+    assert quality(ours) == {METRIC: cli_score} and cli_score == 0.25
 
 
 def test_template_cache_renders_like_lm_eval_and_is_installed(suite, ev):

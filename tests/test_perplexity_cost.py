@@ -110,6 +110,8 @@ def test_cost_counts(lm):
     assert out == {
         "cost/params": float(sum(p.numel() for p in model.parameters())),
         "cost/layers": float(model.config.num_hidden_layers),
+        "scored/examples/cost": 0.0,  # reads no examples
+        "scored/tokens/cost": 0.0,
     }
 
 
@@ -126,8 +128,10 @@ def test_cost_layers_follow_a_path_model(lm):
 def test_cost_latency(lm):
     model, tok = lm
     cfg = CostEvalConfig(name="cost", latency=True, latency_tokens=4)
-    value = CostEvaluator(cfg).evaluate(model, tok)["cost/ms_per_token"]
-    assert math.isfinite(value) and 0 < value < 1000
+    out = CostEvaluator(cfg).evaluate(model, tok)
+    assert math.isfinite(out["cost/ms_per_token"]) and 0 < out["cost/ms_per_token"] < 1000
+    # one warm-up and three timed runs of 4 tokens each
+    assert (out["scored/examples/cost"], out["scored/tokens/cost"]) == (0.0, 16.0)
 
 
 def test_cost_of_an_unknown_module():

@@ -25,15 +25,43 @@ def metric_patterns(evaluator_cfg: Any) -> list[str]:
     return [f"{name}/{label}"]
 
 
+def scored_patterns(evaluator_cfg: Any) -> list[str]:
+    """The cost counts an evaluator config reports beside its metrics
+    (``scored/examples/<label>``, ``scored/tokens/<label>``; see ``evaluators.base``).
+
+    >>> from evomerge.config import CostEvalConfig
+    >>> scored_patterns(CostEvalConfig(name="cost"))
+    ['scored/examples/cost', 'scored/tokens/cost']
+    """
+    from evomerge.evaluators.base import SCORED_EXAMPLES, SCORED_TOKENS, default_label
+
+    name = evaluator_cfg.name
+    if name == "cost":
+        labels = ["cost"]
+    elif name == "lm_eval":
+        labels = [f"lm_eval/{task}" for task in evaluator_cfg.tasks]
+    else:
+        labels = [f"{name}/{evaluator_cfg.label or default_label(evaluator_cfg.data)}"]
+    return [f"{prefix}{label}" for prefix in (SCORED_EXAMPLES, SCORED_TOKENS) for label in labels]
+
+
 def check_objectives(objectives: Sequence[Objective], evaluators: Sequence[Any]) -> None:
-    """Refuse an objective metric that no evaluator produces (before any worker starts)."""
+    """Refuse an objective metric that no evaluator produces (before any worker starts).
+
+    The ``scored/`` cost counts are accepted too (e.g. minimize ``scored/tokens/accuracy/x``)
+    but left out of the error's list of what the evaluators produce.
+    """
     patterns = [p for cfg in evaluators for p in metric_patterns(cfg)]
+    counts = {p for cfg in evaluators for p in scored_patterns(cfg)}
     for i, obj in enumerate(objectives):
         for metric in obj.metrics:
+            if metric in counts:
+                continue
             if not any(fnmatch.fnmatchcase(metric, p) for p in patterns):
                 raise ValueError(
                     f"objectives.{i}: metric {metric!r} is produced by no evaluator; "
-                    f"the evaluators produce: {', '.join(patterns)}"
+                    f"the evaluators produce: {', '.join(patterns)} (and a "
+                    "scored/examples/<metric prefix> and scored/tokens/<metric prefix> count each)"
                 )
 
 

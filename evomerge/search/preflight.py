@@ -172,11 +172,28 @@ def _check_data(job: JobConfig, pending: Path | None) -> None:
             raise ConfigError(
                 f"evaluators.{i}.include_path: {include!r} does not exist; fix the path"
             )
+        if getattr(ev, "chat_template", False):
+            _check_chat_template(f"evaluators.{i}.chat_template", job)
         if not isinstance(ev, DataEvalConfig) or _inside(ev.data, pending):
             continue
         _check_split(f"evaluators.{i}.data", ev, ev.split)
         if ev.held_out_split and job.search.held_out_top_k > 0 and has_held_out(ev):
             _check_split(f"evaluators.{i}.held_out_split", ev, ev.held_out_split)
+
+
+def _check_chat_template(key: str, job: JobConfig) -> None:
+    """``chat_template: true`` needs a template in the tokenizer the workers load (the base's,
+    else the first expert's); checked from the saved files of a local folder (a hub id is left
+    to the first trial)."""
+    from evomerge.evaluators.rows import has_chat_template
+
+    source = next(iter(job.models.sources().values()))
+    if Path(source).is_dir() and not has_chat_template(source):
+        raise ConfigError(
+            f"{key}: true but the tokenizer in {source!r} has no chat template; set "
+            "chat_template: false (prompts used as they are) or use a model whose tokenizer "
+            "has one"
+        )
 
 
 def _check_split(key: str, ev: DataEvalConfig, split: str) -> None:

