@@ -21,6 +21,7 @@ sequence that has stopped leaves the batch (its KV-cache rows are dropped).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -203,10 +204,13 @@ def _greedy_batch(
     alive = list(range(len(seqs)))  # batch row -> sequence
     step_ids = ids
     for _ in range(max_new):
-        logits = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=pos,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1]
+        with warnings.catch_warnings():  # transformers 5.x renames it `cache`; the dfs path
+            # model and older versions take `past_key_values` only
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+            logits = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1]
         for i, token in zip(alive, logits.argmax(-1).tolist(), strict=True):
             new[i].append(token)
         ended = [eos is not None and new[i][-1] == eos for i in alive]
