@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from evomerge import __version__
 
@@ -122,6 +123,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StatusLine:
+    """A start-up status line on a terminal's stderr (no newline) that the next output on
+    stderr or stdout replaces: the first write clears the line first (a progress bar's leading
+    carriage return does that itself). The first second of a search is then not silent, and a
+    refused job still ends with one line on the screen."""
+
+    def __init__(self) -> None:
+        self.shown = False
+        self.streams: dict[str, Any] = {}
+
+    def show(self, text: str) -> None:
+        if not sys.stderr.isatty():
+            return
+        sys.stderr.write(f"\r{text}")
+        sys.stderr.flush()
+        self.shown = True
+        for name in ("stdout", "stderr"):
+            self.streams[name] = getattr(sys, name)
+            setattr(sys, name, _Replacing(self.streams[name], self))
+
+    def clear(self) -> None:
+        if not self.shown:
+            return
+        self.shown = False
+        for name, stream in self.streams.items():
+            if isinstance(getattr(sys, name), _Replacing):
+                setattr(sys, name, stream)
+        self.streams["stderr"].write("\r\033[K")
+        self.streams["stderr"].flush()
+
+
+class _Replacing:
+    """A stream whose first write clears the status line (then it only passes writes on)."""
+
+    def __init__(self, stream: Any, status: _StatusLine) -> None:
+        self._stream, self._status = stream, status
+
+    def write(self, text: str) -> int:
+        if self._status.shown:
+            self._status.clear()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+_STATUS = _StatusLine()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -130,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as err:
         import errno
 
+        _STATUS.clear()
         if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # a full disk
             from evomerge.search.journal import DiskFullError
 
@@ -140,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"evomerge {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _STATUS.clear()
 
 
 def _toy(args: argparse.Namespace) -> int:
@@ -171,6 +224,8 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    if not args.no_progress:  # imports and checks take seconds before the first bar
+        _STATUS.show("evomerge: checking the job, the models and the data ...")
     from evomerge.config import load_job
     from evomerge.search.driver import run_search
 
