@@ -8,19 +8,26 @@ after generation 1 to the first end of the last generation, a whole number of ge
 full; unbiased when the workers finish in step); *end to end* runs from the first trial's start to
 the last trial's end (baselines, ramp-up and ramp-down included; actor start-up not).
 
-    python bench/driver_overhead.py                 # 8 and 32 workers: 6-15 min on 2 busy cores
-    python bench/driver_overhead.py --workers 128 --storages journal --profile \
-        --out driver_overhead_128                   # 128 actors (~9 GB, minutes to start)
+*Before* (``--modes before``) drives the study in the storage itself, as the driver did before
+the in-memory study (:mod:`evomerge.search.mirror`); *after* is today's driver. The driver's CPU
+per trial counts this process (Ray's threads and the mirror's writer included) from the first
+trial's start to the last one's end; ``driver_cpu_all`` also counts the start-up.
+
+    python bench/driver_overhead.py --modes before after --storages journal sqlite postgres
+    python bench/driver_overhead.py --workers 128 --storages journal --modes before after \
+        --cost-trials 0 --generations 3 --out driver_overhead_128   # ~9 GB, minutes to start
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,9 +41,9 @@ from bench.profile_driver import PySpy  # noqa: E402
 
 NAME = "driver_overhead"
 METRIC = "entropy/tiny"
-COLUMNS = ["storage", "sampler", "workers", "trials", "ideal_per_s", "sustained_per_s",
-           "overhead_pct", "e2e_per_s", "e2e_overhead_pct", "driver_cpu_ms_per_trial", "start_s",
-           "workers_uss_gb"]
+COLUMNS = ["mode", "storage", "sampler", "workers", "trials", "ideal_per_s", "sustained_per_s",
+           "overhead_pct", "e2e_per_s", "e2e_overhead_pct", "driver_cpu_ms_per_trial",
+           "driver_cpu_all_ms_per_trial", "load1", "start_s", "workers_uss_gb"]
 
 
 def sleep_worker_class(sleep_s: float) -> type:
@@ -85,10 +92,12 @@ def make_job(root: Path, *, name: str, workers: int, trials: int, sampler: str,
     data = root / "tiny.jsonl"
     if not data.exists():
         data.write_text('{"prompt": "abc"}\n')
+    folders = {n: placeholder_model(root / "models" / n, groups)
+               for n in ["base", *(f"x{i}" for i in range(experts))]}
     return JobConfig.model_validate({
         "name": name, "run_dir": str(root / name),
-        "models": {"base": {"path": "dummy/base"},
-                   "experts": {f"x{i}": {"path": f"dummy/x{i}"} for i in range(experts)}},
+        "models": {"base": {"path": folders["base"]},
+                   "experts": {f"x{i}": {"path": folders[f"x{i}"]} for i in range(experts)}},
         "search": {"space": {"name": "parameter", "method": "task_arithmetic",
                              "layer_groups": groups},
                    "sampler": {"name": sampler}, "trials": trials, "held_out_top_k": 0},
@@ -96,6 +105,23 @@ def make_job(root: Path, *, name: str, workers: int, trials: int, sampler: str,
         "objectives": [{"metric": METRIC, "direction": "minimize"}],
         "resources": {"workers": workers, "num_cpus": 0.01},
     })
+
+
+def placeholder_model(folder: Path, layers: int) -> str:
+    """A model folder the job's checks accept (config, tokenizer file, one safetensors tensor)
+    and the sleep workers never load."""
+    if not (folder / "config.json").exists():
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"model.layers.0.mlp.down_proj.weight": np.zeros((2, 2), np.float32)},
+                  str(folder / "model.safetensors"))
+        (folder / "tokenizer_config.json").write_text("{}")
+        (folder / "config.json").write_text(json.dumps({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "num_hidden_layers": layers}))
+    return str(folder)
 
 
 class ActorMemory:
@@ -168,31 +194,62 @@ def rates(study: Any, workers: int, sleep_s: float) -> dict[str, float]:
     out["overhead_pct"] = 100 * (1 - out["sustained_per_s"] / ideal)
     out["e2e_overhead_pct"] = 100 * (1 - out["e2e_per_s"] / ideal)
     out["loop_s"] = ends[-1] - start
+    out["window"] = (start, ends[-1])
     return out
 
 
+class CpuClock:
+    """This process's CPU time (all its threads, Ray's included) sampled every 50 ms, so the
+    CPU spent between two wall-clock moments (the search loop's first start and last end) can
+    be read off afterwards."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.samples.append((time.time(), time.process_time()))
+
+    def __enter__(self) -> CpuClock:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start: float, end: float) -> float:
+        inside = [cpu for wall, cpu in self.samples if start <= wall <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else float("nan")
+
+
 def run_one(args: argparse.Namespace, root: Path, storage: str, sampler: str, workers: int,
-            profile: bool = False) -> dict[str, Any]:
+            profile: bool = False, mode: str = "after") -> dict[str, Any]:
     from evomerge.search.driver import run_search
 
-    name = f"ovh-{storage}-{sampler}-{workers}"
+    name = f"ovh-{mode}-{storage}-{sampler}-{workers}"
     trials = max(args.generations * workers, args.min_trials)
     job = make_job(root, name=name, workers=workers, trials=trials, sampler=sampler,
                    experts=args.experts, groups=args.groups)
-    url = f"sqlite:///{root / name}.db" if storage == "sqlite" else None
+    url = {"sqlite": f"sqlite:///{root / name}.db", "postgres": args.postgres_url}.get(storage)
     mem = ActorMemory(workers)
     mem.start()
     spy = PySpy(root / f"{name}.raw", rate=args.profile_rate) if profile else None
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with spy or nullcontext(), blas_limit(args.blas_threads):
-        study = run_search(job, storage_url=url, progress=False,
+    with spy or nullcontext(), blas_limit(args.blas_threads), CpuClock() as clock:
+        study = run_search(job, storage_url=url, progress=False, mirror=mode == "after",
                            worker_class=sleep_worker_class(args.sleep))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     mem.finish()
-    row: dict[str, Any] = {"storage": storage, "sampler": sampler, "workers": workers}
+    row: dict[str, Any] = {"mode": mode, "storage": storage, "sampler": sampler,
+                           "workers": workers, "load1": os.getloadavg()[0]}
     row.update(rates(study, workers, args.sleep))
     row["start_s"] = wall - row["loop_s"]  # ray actors + study creation + held-out phase
-    row["driver_cpu_ms_per_trial"] = 1000 * cpu / row["trials"]
+    # the driver's own CPU in the search loop (first trial start to last end), all threads
+    row["driver_cpu_ms_per_trial"] = 1000 * clock.between(*row.pop("window")) / row["trials"]
+    row["driver_cpu_all_ms_per_trial"] = 1000 * cpu / row["trials"]  # start-up included
     row.update(mem.result)
     if spy is not None:
         row["profile"] = spy.summary()
@@ -212,12 +269,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[8, 32])
     p.add_argument("--storages", nargs="+", default=["journal", "sqlite"],
-                   choices=["journal", "sqlite"])
+                   choices=["journal", "sqlite", "postgres"])
+    p.add_argument("--modes", nargs="+", default=["after"], choices=["before", "after"],
+                   help="after: the in-memory study mirrored to storage, trials asked ahead; "
+                        "before: every ask/tell a storage write (run_search(mirror=False))")
+    p.add_argument("--postgres-url", help="for --storages postgres; default: a throwaway "
+                   "server on 127.0.0.1 (Debian's postgresql, as the tests start it)")
     p.add_argument("--samplers", nargs="+", default=["cmaes", "random"])
     p.add_argument("--sleep", type=float, default=1.0, help="seconds per simulated evaluation")
     p.add_argument("--generations", type=int, default=4, help="trials = generations * workers")
     p.add_argument("--min-trials", type=int, default=32)
-    p.add_argument("--sqlite-max-workers", type=int, default=8,
+    p.add_argument("--sqlite-max-workers", type=int, default=32,
                    help="skip SQLite runs above this many workers (it caps at ~2 trials/s here)")
     p.add_argument("--blas-threads", type=int, help="threadpoolctl limit in the driver")
     p.add_argument("--cost-trials", type=int, default=30,
@@ -240,12 +302,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.cost_trials:
         with blas_limit(args.blas_threads):
             costs = storage_cost.run(args.cost_trials, args.experts * args.groups,
-                                     ["journal", "journal-optuna", "sqlite", "memory"],
-                                     args.samplers)
+                                     ["journal", "journal-mirrored", "sqlite",
+                                      "sqlite-mirrored", "memory"], args.samplers)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, object_store_memory=256 * 2**20)
     rows = []
+    server = None
+    if "postgres" in args.storages and not args.postgres_url:
+        from tests.pg_fixtures import PostgresServer
+
+        server = PostgresServer()
+        args.postgres_url = server.url
     try:
         with tempfile.TemporaryDirectory(prefix="evomerge_ovh_") as tmp:
             for workers in args.workers:
@@ -253,11 +321,15 @@ def main(argv: list[str] | None = None) -> None:
                     if storage == "sqlite" and workers > args.sqlite_max_workers:
                         continue
                     for sampler in args.samplers:
-                        row = run_one(args, Path(tmp), storage, sampler, workers, args.profile)
-                        print(format_table([row], COLUMNS), flush=True)
-                        rows.append(row)
+                        for mode in args.modes:
+                            row = run_one(args, Path(tmp), storage, sampler, workers,
+                                          args.profile, mode)
+                            print(format_table([row], COLUMNS), flush=True)
+                            rows.append(row)
     finally:
         ray.shutdown()
+        if server is not None:
+            server.remove()
     print(format_table(rows, COLUMNS))
     settings = {**vars(args), "space": f"task_arithmetic, {args.experts} experts x "
                 f"{args.groups} layer groups = {args.experts * args.groups} parameters",
@@ -275,15 +347,15 @@ def main(argv: list[str] | None = None) -> None:
 
 def plot(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
     fig, (ax1, ax2) = new_figure(2)
-    for storage in args.storages:
-        for sampler in args.samplers:
-            sel = [r for r in rows if r["storage"] == storage and r["sampler"] == sampler]
-            if not sel:
-                continue
-            ws = [r["workers"] for r in sel]
-            label = f"{storage} / {sampler}"
-            ax1.plot(ws, [r["sustained_per_s"] for r in sel], marker="o", label=label)
-            ax2.plot(ws, [r["overhead_pct"] for r in sel], marker="o", label=label)
+    for storage, sampler, mode in itertools.product(args.storages, args.samplers, args.modes):
+        sel = [r for r in rows if (r["storage"], r["sampler"], r["mode"])
+               == (storage, sampler, mode)]
+        if not sel:
+            continue
+        ws = [r["workers"] for r in sel]
+        label = f"{storage} / {sampler} ({mode})"
+        ax1.plot(ws, [r["sustained_per_s"] for r in sel], marker="o", label=label)
+        ax2.plot(ws, [r["overhead_pct"] for r in sel], marker="o", label=label)
     ws = sorted({r["workers"] for r in rows})
     ax1.plot(ws, [w / args.sleep for w in ws], ls=":", color="grey", label="ideal")
     ax2.axhline(2.0, ls=":", color="grey", label="2% target")

@@ -6,6 +6,10 @@ For each trial the driver (``evomerge.search.loop.Loop``) calls ``study.ask(dist
 reads nothing back). This times exactly that sequence per storage and sampler, with BLAS on one
 thread as in the driver.
 
+``journal-mirrored`` / ``sqlite-mirrored``: the driver's in-memory study
+(:mod:`evomerge.search.mirror`), whose writer thread copies each finished trial to the storage;
+only the driver thread's time is counted (the writer's runs alongside, off the critical path).
+
     python bench/storage_cost.py --trials 200
 """
 
@@ -46,7 +50,20 @@ def storages(root: Path) -> dict[str, Callable[[str], Any]]:
             JournalFileBackend(str(root / f"{name}.journal"))),
         "sqlite": lambda name: open_storage(f"sqlite:///{root / name}.db", root),
         "memory": lambda name: optuna.storages.InMemoryStorage(),
+        "journal-mirrored": lambda name: mirrored(
+            open_storage(f"journal:{root / name}.journal", root, writer=True), name),
+        "sqlite-mirrored": lambda name: mirrored(
+            open_storage(f"sqlite:///{root / name}.db", root), name),
     }
+
+
+def mirrored(target: Any, name: str) -> Any:
+    """The driver's in-memory study over ``target`` (its writer thread runs alongside)."""
+    from evomerge.search.mirror import MirroredStorage
+
+    study = f"cost-{name.rsplit('-', 1)[1]}"  # the study per_trial_cost creates
+    optuna.create_study(storage=target, study_name=study, direction="minimize")
+    return MirroredStorage(target, study)
 
 
 def sampler_for(name: str, seed: int = 0) -> optuna.samplers.BaseSampler:
@@ -62,7 +79,8 @@ def per_trial_cost(storage: Any, *, sampler: str, trials: int, params: int,
     (as the driver does with idle workers) and told in order."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, sampler=sampler_for(sampler),
-                                direction="minimize", study_name=f"cost-{sampler}")
+                                direction="minimize", study_name=f"cost-{sampler}",
+                                load_if_exists=True)  # a mirrored storage holds it already
     dists: dict[str, BaseDistribution] = {
         f"w/x{i % 4}/{i // 4}": FloatDistribution(0.0, 1.0) for i in range(params)
     }
@@ -120,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trials", type=int, default=200)
     p.add_argument("--params", type=int, default=32)
     p.add_argument("--storages", nargs="+", default=["journal", "journal-fsync",
-                                                      "journal-optuna", "sqlite", "memory"])
+                                                      "journal-optuna", "sqlite", "memory",
+                                                      "journal-mirrored", "sqlite-mirrored"])
     p.add_argument("--samplers", nargs="+", default=["random", "cmaes"])
     args = p.parse_args(argv)
     rows = run(args.trials, args.params, args.storages, args.samplers)

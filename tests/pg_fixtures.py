@@ -1,7 +1,8 @@
 """A real PostgreSQL server for the session: Debian's ``postgresql`` binaries, a throwaway
 cluster in a temp dir, listening on 127.0.0.1 only (no Unix socket outside that dir).
 
-Import the fixture into a test module (``from tests.pg_fixtures import postgres_url  # noqa``).
+Import the fixture into a test module (``from tests.pg_fixtures import postgres_url  # noqa``);
+``postgres_server`` (import both) can stop and start the server mid-test.
 A missing PostgreSQL fails the tests that use it, it does not skip them: ``.ci/run`` installs it.
 """
 
@@ -48,22 +49,54 @@ def _run(cmd: list[str]) -> None:
         pytest.fail(f"{' '.join(cmd)} failed: {proc.stdout}{proc.stderr}")
 
 
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1: :meth:`stop` and :meth:`start` it again on
+    the same port and data (a database restart in the middle of a search)."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))
+        self.data = self.root / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+        self.port = free_port()
+        self.url = f"postgresql://{USER}@127.0.0.1:{self.port}/{USER}"
+        _run([pg_bin("initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8"])
+        self.start()
+        _run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", USER, USER])
+
+    def start(self) -> None:
+        opts = f"-k {self.root} -h 127.0.0.1 -p {self.port} -c fsync=off -c max_connections=100"
+        _run([pg_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"),
+              "-w", "start"])
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: the server ends every session (clients see their connection closed)."""
+        _run([pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_SERVERS: dict[str, PostgresServer] = {}
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """``postgresql://evomerge@127.0.0.1:PORT/evomerge`` on a server stopped after the session."""
+    """``postgresql://evomerge@127.0.0.1:PORT/evomerge`` on a server removed after the session."""
     import psycopg  # noqa: F401 - SQLAlchemy 2.1's postgresql:// driver; missing: tests fail
 
-    root = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))
-    data = root / "data"
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    port = free_port()
-    _run([pg_bin("initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8"])
-    opts = f"-k {root} -h 127.0.0.1 -p {port} -c fsync=off -c max_connections=100"
-    _run([pg_bin("pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start"])
+    server = PostgresServer()
+    _SERVERS[server.url] = server
     try:
-        _run([pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER, USER])
-        yield f"postgresql://{USER}@127.0.0.1:{port}/{USER}"
+        yield server.url
     finally:
-        _run([pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
+        _SERVERS.pop(server.url)
+        server.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_url: str) -> PostgresServer:
+    """The :class:`PostgresServer` behind ``postgres_url`` (import both fixtures); a test that
+    stops it starts it again."""
+    return _SERVERS[postgres_url]

@@ -96,6 +96,9 @@ def test_search_on_a_terminal_shows_each_step_then_the_summary(search_suite, tmp
     assert "done: 5 trials, 0 failed" in out and "next:" in out
     assert "Token authentication" not in out and "Loading weights" not in out
     assert "evomerge: " not in out  # the log lines are for logs, not terminals
+    # the first output is the start-up line, at once, and the first bar clears it
+    assert out.lstrip("\r").startswith("checking the job, the models and the data ..."), out
+    assert "\x1b[K" in out.split("starting Ray")[0], out  # the line is cleared before the bar
     study, _ = open_run(run_dir)
     timing = [t.user_attrs["timing"] for t in study.trials]
     assert all(t["queue_s"] >= 0 and t["merge_s"] > 0 and t["eval_s"] > 0 for t in timing)

@@ -59,19 +59,24 @@ def run_search(
     storage_url: str | None = None,
     progress: bool = True,
     worker_class: type | None = None,
+    mirror: bool = True,
 ) -> optuna.Study:
     """Run (or resume) the job's search to its budget and return the study, showing its
     progress: tqdm bars when stderr is a terminal, else (or with ``progress=False``) one log
     line per phase on stderr.
 
     ``worker_class`` replaces :class:`evomerge.search.worker.MergeWorker` (same methods), e.g. the
-    simulated workers of ``bench/driver_overhead.py``.
+    simulated workers of ``bench/driver_overhead.py``; ``mirror=False`` drives the study in the
+    storage itself with no trial asked ahead (the driver before :mod:`evomerge.search.mirror`,
+    for that benchmark's *before* rows).
     """
     from evomerge.search.phases import PhasedSearch  # a search.then job: two studies
 
     kind = Search if job.search.then is None else PhasedSearch
+    extra: dict[str, Any] = {} if mirror else {"mirror": False}  # PhasedSearch always mirrors
     search: Any = kind(
-        job, resume=resume, address=address, storage_url=storage_url, worker_class=worker_class
+        job, resume=resume, address=address, storage_url=storage_url, worker_class=worker_class,
+        **extra,
     )
     bar = ProgressBar(job.name, bars=None if progress else False)
     try:
@@ -108,8 +113,10 @@ class Search:
         storage_url: str | None = None,
         worker_class: type | None = None,
         phase: str | None = None,
+        mirror: bool = True,
     ) -> None:
         self.job, self.resume, self.address = job, resume, address
+        self.mirror = mirror  # False: no in-memory study, no ask-ahead (benchmarks only)
         self.phase = phase  # a phase of a search.then job: study {name}/{phase}
         self.storage_url, self.worker_class = storage_url, worker_class
         self.study: optuna.Study | None = None
@@ -146,7 +153,7 @@ class Search:
         preflight(job, storage_url=self.storage_url, address=self.address)  # before any file
         study = open_study(
             job, sampler=sampler, resume=self.resume, storage_url=self.storage_url,
-            fsync=job.storage_fsync, phase=self.phase,
+            fsync=job.storage_fsync, phase=self.phase, mirror=self.mirror,
         )
         try:
             if self.resume:
@@ -214,6 +221,7 @@ class Search:
             _check_layer_groups(job, pool.info[0].get("num_layers"))
             study.set_user_attr("evomerge:workers", pool.info)  # pid, node and host of each
             loop = Loop(job, study, self.space, pool, on_event=emit, stop=stopping)
+            loop.ask_ahead = loop.ask_ahead if self.mirror else 0
             phases: dict[str, Callable[[], Any]] = {
                 "search": loop.run,
                 "held_out": lambda: held_out_phase(job, study, pool, on_progress),

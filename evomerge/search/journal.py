@@ -17,6 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,6 +90,21 @@ class DriverJournalFile(BaseJournalBackend):
         self._pos = 0  # byte offset just after the last complete line read
         self._count = 0  # number of lines before _pos
         self._closed: JournalFileBackend | None = None
+        self._buffer: list[dict[str, Any]] | None = None  # appends held by batch()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold the appends made inside the block and write them in one ``write`` at its end
+        (the driver's mirror writes each batch of finished trials so). Reads inside the block
+        do not see them; nothing is written if the block raises."""
+        self._buffer = []
+        try:
+            yield
+            logs, self._buffer = self._buffer, None
+            if logs:
+                self.append_logs(logs)
+        finally:
+            self._buffer = None
 
     def _drop_torn_tail(self) -> None:
         """A driver killed inside ``write`` can leave a partial last line: it was never
@@ -140,6 +156,9 @@ class DriverJournalFile(BaseJournalBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         """Append ``logs`` as JSON lines in one write (optuna's exact format)."""
+        if self._buffer is not None:
+            self._buffer.extend(logs)
+            return None
         if self._closed is not None:
             return self._closed.append_logs(logs)
         assert self._file is not None

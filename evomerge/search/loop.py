@@ -1,13 +1,19 @@
 """The ask/tell loop over a :class:`~evomerge.search.pool.WorkerPool` (driver side).
 
 Ask as many trials as there are idle workers, tell each result as it arrives, promote or prune
-by rung under multi-fidelity. Every exit of the loop (the budget met, a stop, a failure streak,
-Ctrl-C) fails the trials still in flight as interrupted and enqueues them again.
+by rung under multi-fidelity. With many workers a few trials are asked ahead while all workers
+are busy (:func:`ask_ahead`), so a freed worker gets its next trial at once. Every exit of the
+loop (the budget met, a stop, a failure streak, Ctrl-C) fails the trials still in flight or
+asked ahead as interrupted and enqueues them again.
+
+The study is the driver's in-memory copy (:mod:`evomerge.search.mirror`): asks and tells cost
+no storage round trip.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +30,15 @@ from evomerge.search.progress import OnEvent, Tracker, ignore
 from evomerge.search.study import counted_trials, fail_interrupted, json_metrics, requeue
 
 STOP_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
+
+
+def ask_ahead(job: JobConfig, workers: int) -> int:
+    """How many trials to ask before a worker frees: one per 8 workers, at most 16; none under
+    8 workers (the asks fit between results) or for TPE, whose every ask should see every
+    result so far (CMA-ES and NSGA-II sample a whole generation from one state anyway)."""
+    if workers < 8 or job.search.sampler.name == "tpe":
+        return 0
+    return min(16, workers // 8)
 
 
 @dataclass
@@ -64,6 +79,8 @@ class Loop:
         self.on_event = on_event or ignore
         self.stop = stop or (lambda: False)
         self.stopped = False  # the loop ended by ``stop``, not by the budget
+        self.ahead: deque[Candidate] = deque()  # asked, waiting for a worker to free
+        self.ask_ahead = ask_ahead(job, pool.size)
 
     def run(self) -> None:
         from threadpoolctl import threadpool_limits
@@ -76,31 +93,44 @@ class Loop:
         try:
             while not self.stop():
                 self._fill()
-                if not self.pool.inflight and not (self.pool.restarting and self._room()):
+                waiting = self._room() or self.ahead  # work for a worker that comes back
+                if not self.pool.inflight and not (self.pool.restarting and waiting):
                     return
                 # wake up now and then, so a stop does not wait for a long evaluation
-                out = self.pool.next_result(timeout=STOP_POLL_S)
+                early = self._want_ahead()  # no result yet: ask one ahead, then look again
+                out = self.pool.next_result(timeout=0 if early else STOP_POLL_S)
                 if out is not None:  # None: a restarted worker is idle again, or no news yet
                     self._handle(out.item, out.result, out.error)
+                elif early:
+                    self._ask_one(self.ahead.append)
             self.stopped = self.done < self.job.search.trials  # not when the budget was met
         finally:
             self._interrupt()
 
     def _room(self) -> bool:
-        return self.done + len(self.pool.inflight) < self.job.search.trials
+        return self.done + len(self.pool.inflight) + len(self.ahead) < self.job.search.trials
+
+    def _want_ahead(self) -> bool:
+        return len(self.ahead) < self.ask_ahead and not self.pool.idle and self._room()
 
     def _fill(self) -> None:
+        while self.pool.idle and (self.ahead or self._room()):
+            if self.ahead:
+                self._submit(self.ahead.popleft())
+            else:
+                self._ask_one(self._submit)
+
+    def _ask_one(self, then: Callable[[Candidate], None]) -> None:
+        """Ask one trial and pass its candidate to ``then`` (or fail it: no candidate)."""
         from evomerge.search_spaces.dfs import InvalidCandidate
 
-        while self.pool.idle and self._room():
-            trial = self.study.ask(self.dists)
-            try:
-                recipe = self.space.decode(trial.params)
-            except InvalidCandidate as err:  # no model to evaluate: a failed trial, with why
-                self._reject(trial, f"{type(err).__name__}: {err}")
-                continue
-            trial.set_user_attr("recipe", recipe.to_dict())
-            self._submit(Candidate(trial, recipe))
+        trial = self.study.ask(self.dists)
+        try:
+            recipe = self.space.decode(trial.params)
+        except InvalidCandidate as err:  # no model to evaluate: a failed trial, with why
+            return self._reject(trial, f"{type(err).__name__}: {err}")
+        trial.set_user_attr("recipe", recipe.to_dict())
+        then(Candidate(trial, recipe))
 
     def _reject(self, trial: optuna.trial.Trial, error: str) -> None:
         """Fail a point that decodes to no candidate; it does not count toward the failure
@@ -116,9 +146,10 @@ class Loop:
         self.pool.submit(cand, "evaluate", cand.recipe.to_json(), self.fractions[cand.rung])
 
     def _interrupt(self) -> None:
-        """Fail the trials still in flight as interrupted and enqueue them again (this is
-        the loop's exit, by an exception or not): a resumed run re-runs them."""
-        numbers = {cand.trial.number for cand in self.pool.drop_inflight()}
+        """Fail the trials still in flight or asked ahead as interrupted and enqueue them
+        again (this is the loop's exit, by an exception or not): a resumed run re-runs them."""
+        numbers = {cand.trial.number for cand in [*self.pool.drop_inflight(), *self.ahead]}
+        self.ahead.clear()
         if numbers:
             requeue(self.study, fail_interrupted(self.study, numbers), self.dists)
 

@@ -16,7 +16,9 @@ A study in PostgreSQL opened with ``writer=True`` is held the same way, per stud
 :func:`lock_study` takes a :class:`~evomerge.search.lease.StudyLease` (an advisory lock) and a
 second driver on that study gets the journal's refusal. SQLite and Redis have no driver lock.
 
-The journal file backends live in :mod:`evomerge.search.journal`.
+The journal file backends live in :mod:`evomerge.search.journal`. The driver itself works on
+an in-memory copy of its study that a background thread writes back here
+(:mod:`evomerge.search.mirror`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from optuna.storages import BaseStorage, JournalStorage
 
 from evomerge.search.journal import DriverJournalFile, JournalFileReader
 from evomerge.search.lease import StudyLease, supports_lease
+from evomerge.search.mirror import MirroredStorage
 
 JOURNAL_NAME = "study.journal"
 JOB_ATTR = "evomerge:job"
@@ -82,7 +85,15 @@ def lock_study(storage: BaseStorage, study: str) -> None:
 
 
 def close_storage(storage: BaseStorage) -> None:
-    """Release the driver's writer lock, if ``storage`` holds one; the storage stays usable."""
+    """Release the driver's writer lock, if ``storage`` holds one; the storage stays usable.
+    A :class:`~evomerge.search.mirror.MirroredStorage` first writes what it holds (and raises
+    its writer's error, if it had one) and then releases its target's lock."""
+    if isinstance(storage, MirroredStorage):
+        try:
+            storage.close()
+        finally:
+            close_storage(storage.target)
+        return
     backend = getattr(storage, "_backend", None)
     if isinstance(backend, DriverJournalFile):
         backend.close()

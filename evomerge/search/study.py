@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from evomerge.config import JobConfig
 from evomerge.search.journal import DiskFullError
+from evomerge.search.mirror import MirroredStorage
 from evomerge.search.storage import (
     close_storage,
     lock_study,
@@ -38,6 +39,7 @@ def open_study(
     storage_url: str | None = None,
     fsync: bool = False,
     phase: str | None = None,
+    mirror: bool = True,
 ) -> optuna.Study:
     """Create the study, or load it with ``resume``; refuse to silently mix two runs.
 
@@ -47,20 +49,36 @@ def open_study(
     A journal file is opened for writing by this process alone (a second driver on the same
     run fails with :class:`evomerge.search.journal.JournalLockedError`) until :func:`close_study`;
     ``fsync`` fsyncs every journal append.
+
+    The study returned is held in memory and written back to the storage by a background
+    thread (:class:`~evomerge.search.mirror.MirroredStorage`): the driver's asks and tells cost
+    no storage round trip; :func:`close_study` writes what is left. ``mirror=False`` returns
+    the study on the storage itself, every call a write (how the driver worked before; for
+    ``bench/driver_overhead.py --before``).
     """
     storage = open_storage(
         storage_url or job.storage, job.resolved_run_dir, writer=True, fsync=fsync
     )
     try:
-        return _open_study(job, storage, sampler=sampler, resume=resume, where=storage_url,
-                           phase=phase)
+        stored = _open_study(job, storage, sampler=sampler, resume=resume, where=storage_url,
+                             phase=phase)
+        if not mirror:
+            return stored
+        memory = MirroredStorage(storage, stored.study_name)
     except BaseException:
         close_storage(storage)
+        raise
+    try:
+        return optuna.load_study(study_name=stored.study_name, storage=memory, sampler=sampler,
+                                 pruner=stored.pruner)
+    except BaseException:
+        close_storage(memory)
         raise
 
 
 def close_study(study: optuna.Study) -> None:
-    """Release the run's writer lock taken by :func:`open_study` (the study stays readable)."""
+    """Write what the study holds in memory to its storage and release the run's writer lock
+    taken by :func:`open_study` (the study stays readable; later writes go straight through)."""
     close_storage(study._storage)
 
 
