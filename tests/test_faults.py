@@ -148,8 +148,14 @@ def restart_slowly(died: Path, ready: Path) -> type:
 
 
 def test_restarting_worker_does_not_stall_the_others(ray_local, search_suite, tmp_path):
-    job = small_job(search_suite, tmp_path, trials=16, held_out_top_k=0, baselines=False,
-                    sampler={"name": "random", "seed": 0})
+    job = small_job(
+        search_suite,
+        tmp_path,
+        trials=16,
+        held_out_top_k=0,
+        baselines=False,
+        sampler={"name": "random", "seed": 0},
+    )
     died, ready = tmp_path / "died", tmp_path / "ready"
     study = run_search(job, progress=False, worker_class=restart_slowly(died, ready))
     t_died, t_ready = float(died.read_text()), float(ready.read_text())
@@ -184,8 +190,14 @@ def test_resume_enqueues_baselines_missing_after_a_kill(ray_local, search_suite,
 
 
 def test_failure_streak_fails_inflight_trials_as_interrupted(ray_local, search_suite, tmp_path):
-    job = small_job(search_suite, tmp_path, trials=8, held_out_top_k=0, baselines=False,
-                    sampler={"name": "random", "seed": 0})
+    job = small_job(
+        search_suite,
+        tmp_path,
+        trials=8,
+        held_out_top_k=0,
+        baselines=False,
+        sampler={"name": "random", "seed": 0},
+    )
     with pytest.raises(RuntimeError) as info:
         run_search(job, progress=False, worker_class=AlwaysFails)
     head, last = str(info.value).split("\n")
@@ -228,3 +240,82 @@ def journal(tmp_path: Path) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "run" / "study.journal"))
     )
+
+
+def held_until_killed(busy: Path, served: Path) -> type:
+    """Its first evaluate anywhere writes ``busy`` = ``{pid, recipe}`` and sleeps until the
+    test SIGKILLs that pid. The restarted actor writes ``served`` at its first evaluate; until
+    then the healthy worker serves 3 calls alone, then waits for it (so the budget does not
+    run out before the restarted worker serves)."""
+
+    class HeldUntilKilled(MergeWorker):
+        def __init__(self, job_json: str) -> None:
+            super().__init__(job_json)
+            self.served_alone = 0
+            self.restarted = busy.exists()
+
+        def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
+            if first(busy.with_suffix(".claimed")):
+                busy.write_text(json.dumps({"pid": os.getpid(), "recipe": recipe_json}))
+                time.sleep(300)  # the test kills this process long before
+            if self.restarted:
+                served.touch()
+            elif not served.exists():
+                self.served_alone += 1
+                deadline = time.time() + 120
+                while self.served_alone > 3 and not served.exists() and time.time() < deadline:
+                    time.sleep(0.05)
+            return super().evaluate(recipe_json, fraction)
+
+    return HeldUntilKilled
+
+
+def test_worker_sigkilled_mid_trial_fails_that_trial(ray_local, search_suite, tmp_path):
+    """Fault (a): SIGKILL a worker's pid from outside while it evaluates a trial of the main
+    search: that trial is FAILED with "worker died", Ray restarts the worker, which serves
+    later trials, and the search completes its budget."""
+    import signal
+    import threading
+
+    job = small_job(
+        search_suite,
+        tmp_path,
+        trials=10,
+        held_out_top_k=0,
+        baselines=False,
+        sampler={"name": "random", "seed": 0},
+    )
+    busy, served = tmp_path / "busy.json", tmp_path / "served"
+    out: dict[str, Any] = {}
+
+    def search() -> None:
+        try:
+            out["study"] = run_search(
+                job, progress=False, worker_class=held_until_killed(busy, served)
+            )
+        except BaseException as err:  # re-raised in the test's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    deadline = time.time() + 180
+    while not busy.exists() or not busy.read_text():
+        assert time.time() < deadline and thread.is_alive(), out.get("error")
+        time.sleep(0.05)
+    held = json.loads(busy.read_text())
+    os.kill(held["pid"], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "error" not in out, out.get("error")
+    study = out["study"]
+
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1, [t.user_attrs.get("error") for t in failed]
+    assert failed[0].user_attrs["error"].startswith("worker died: ")
+    assert failed[0].user_attrs["recipe"] == json.loads(held["recipe"])  # the killed call's
+    assert counted_trials(study) == 10
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 9
+    pids = {t.user_attrs["timing"]["pid"] for t in done}
+    assert held["pid"] not in pids and len(pids) == 2  # the healthy one and the restarted one
+    t_failed = failed[0].datetime_complete
+    assert any(t.datetime_complete > t_failed for t in done)  # the search went on after it

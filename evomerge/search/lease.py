@@ -1,4 +1,14 @@
-"""One driver per study in PostgreSQL: a session advisory lock held for the driver's lifetime.
+"""One driver per study in a database: a lease held for the driver's lifetime.
+
+:meth:`StudyLease.acquire` picks the lease by the storage URL (:func:`supports_lease`); a
+second driver on the same study gets :class:`JournalLockedError` with the journal's refusal.
+
+- **PostgreSQL**: a session advisory lock (below).
+- **SQLite** (a file): ``flock`` on ``<db>.<key>.writer`` next to the database, one file per
+  study (the journal's lock, :mod:`evomerge.search.journal`); the OS drops it when the
+  process dies, ``kill -9`` included. An in-memory database (``sqlite://``) takes none.
+- **Redis**: a key ``evomerge:driver:<study>`` set with ``SET NX PX`` and renewed every few
+  seconds by a thread; a killed driver's key expires after :data:`REDIS_TTL_S`.
 
 A journal file has its ``flock`` (:mod:`evomerge.search.journal`); a study in PostgreSQL gets
 ``pg_try_advisory_lock`` on a key derived from the study name, taken on a connection of its own
@@ -15,17 +25,27 @@ connection's ``application_name``, which a refused driver reads back from ``pg_s
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
+import threading
 import time
-from typing import Any
+import uuid
+from pathlib import Path
+from typing import IO, Any
 
 from evomerge.search.journal import JournalLockedError
 
 _NAMESPACE = "evomerge:driver:"
-_KEEPALIVE = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
-              "tcp_keepalives_count": "3"}
+_KEEPALIVE = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+}
+_POSTGRES = ("postgresql://", "postgresql+psycopg2://", "postgresql+psycopg://", "postgres://")
+_REDIS = ("redis://", "rediss://")
+REDIS_TTL_S = 15.0  # a killed driver's Redis lease is free after this long
 
 
 def lease_key(study: str) -> int:
@@ -35,23 +55,58 @@ def lease_key(study: str) -> int:
 
 
 def supports_lease(url: str) -> bool:
-    return url.startswith(("postgresql://", "postgresql+psycopg2://", "postgres://"))
+    """A driver of a study at ``url`` takes a :class:`StudyLease` (PostgreSQL, SQLite, Redis)."""
+    return url.startswith((*_POSTGRES, *_REDIS)) or _is_sqlite(url)
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith(("sqlite://", "sqlite+"))
+
+
+def _me() -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"evomerge driver pid {os.getpid()} on {socket.gethostname()} since {stamp}"
+
+
+def _refusal(study: str, url: str, holder: str | None) -> JournalLockedError:
+    holder = (holder or "another process").removeprefix("evomerge driver ")
+    return JournalLockedError(
+        f"study {study!r} in {_safe(url)} is being written by another evomerge driver "
+        f"({holder}); wait for that search to finish or stop it, then run again with --resume"
+    )
 
 
 class StudyLease:
-    """The advisory lock of one study, held on its own autocommit connection."""
+    """The driver lease of one study; :meth:`acquire` picks its kind by the URL's scheme."""
+
+    url: str
+    study: str
+
+    @classmethod
+    def acquire(cls, url: str, study: str) -> StudyLease:
+        """Take the lease of ``study`` or raise :class:`JournalLockedError` naming the holder."""
+        if _is_sqlite(url):
+            return FileLease.take(url, study)
+        if url.startswith(_REDIS):
+            return RedisLease.take(url, study)
+        return AdvisoryLease.take(url, study)
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
+class AdvisoryLease(StudyLease):
+    """PostgreSQL: the advisory lock of one study, held on its own autocommit connection."""
 
     def __init__(self, conn: Any, url: str, study: str) -> None:
         self._conn: Any | None = conn
         self.url, self.study = url, study
 
     @classmethod
-    def acquire(cls, url: str, study: str) -> StudyLease:
-        """Take the lease of ``study`` or raise :class:`JournalLockedError` naming the holder."""
+    def take(cls, url: str, study: str) -> AdvisoryLease:
         from sqlalchemy import create_engine, text
 
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        me = f"evomerge driver pid {os.getpid()} on {socket.gethostname()} since {stamp}"
+        me = _me()
         engine = create_engine(url, poolclass=_null_pool(), isolation_level="AUTOCOMMIT")
         conn = engine.connect()
         try:
@@ -62,12 +117,7 @@ class StudyLease:
                 text("SELECT pg_try_advisory_lock(:k)"), {"k": lease_key(study)}
             ).scalar()
             if not got:
-                holder = lease_holder(conn, study) or "another process"
-                raise JournalLockedError(
-                    f"study {study!r} in {_safe(url)} is being written by another evomerge "
-                    f"driver ({holder.removeprefix('evomerge driver ')}); wait for that search "
-                    "to finish or stop it, then run again with --resume"
-                )
+                raise _refusal(study, url, lease_holder(conn, study))
         except BaseException:
             conn.close()
             engine.dispose()
@@ -79,6 +129,113 @@ class StudyLease:
             conn, self._conn = self._conn, None
             conn.close()  # ends the session: the server releases the lock with it
             conn.engine.dispose()
+
+
+class FileLease(StudyLease):
+    """SQLite: ``flock`` on a file of its own next to the database, one per study; the
+    holder's line in it names the refused driver's rival. The file is left in place (removing
+    a lock file races with the next driver opening it)."""
+
+    def __init__(self, file: IO[str] | None, url: str, study: str) -> None:
+        self._file = file
+        self.url, self.study = url, study
+
+    @classmethod
+    def take(cls, url: str, study: str) -> FileLease:
+        path = sqlite_lock_path(url, study)
+        if path is None:  # an in-memory database: no other process can open it
+            return cls(None, url, study)
+        f = open(path, "a+")  # noqa: SIM115 - closed in release()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise _refusal(study, url, holder) from None
+        f.truncate(0)
+        f.write(f"{_me()} (study {study!r})\n")
+        f.flush()
+        return cls(f, url, study)
+
+    def release(self) -> None:
+        if self._file is not None:
+            f, self._file = self._file, None
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
+
+def sqlite_lock_path(url: str, study: str) -> Path | None:
+    """The lock file of ``study`` in the SQLite database at ``url``; None in memory."""
+    from sqlalchemy.engine import make_url
+
+    db = make_url(url).database
+    if not db or db == ":memory:" or "mode=memory" in url:
+        return None
+    db = db.removeprefix("file:")
+    key = lease_key(study) & 0xFFFFFFFFFFFFFFFF
+    return Path(f"{db}.{key:016x}.writer")
+
+
+class RedisLease(StudyLease):
+    """Redis: the key ``evomerge:driver:<study>`` holds the holder's line, set only if absent
+    (``SET NX``) with an expiry of :data:`REDIS_TTL_S`, renewed by a daemon thread every third
+    of it while the key still holds this driver's token. A driver killed with ``kill -9``
+    frees its study when the key expires."""
+
+    def __init__(self, client: Any, url: str, study: str, token: str) -> None:
+        self._client: Any | None = client
+        self.url, self.study, self.token = url, study, token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="evomerge-lease")
+        self._thread.start()
+
+    @classmethod
+    def take(cls, url: str, study: str) -> RedisLease:
+        import redis  # optuna's JournalRedisBackend needs it too
+
+        client = redis.Redis.from_url(url)
+        token = f"{_me()} [{uuid.uuid4().hex}]"
+        ttl_ms = int(REDIS_TTL_S * 1000)
+        if not client.set(_NAMESPACE + study, token, nx=True, px=ttl_ms):
+            holder = client.get(_NAMESPACE + study)
+            client.close()
+            if isinstance(holder, bytes):
+                holder = holder.decode(errors="replace")
+            text = holder.rsplit(" [", 1)[0] if holder else None
+            raise _refusal(study, url, text)
+        return cls(client, url, study, token)
+
+    # renew / delete only while the key still holds our token (another driver's after expiry)
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', "
+        "KEYS[1], ARGV[2]) else return 0 end"
+    )
+    _DELETE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1])"
+        " else return 0 end"
+    )
+
+    def _renew(self) -> None:
+        key, ttl_ms = _NAMESPACE + self.study, int(REDIS_TTL_S * 1000)
+        while not self._stop.wait(REDIS_TTL_S / 3):
+            try:
+                if self._client is None or not self._client.eval(
+                    self._RENEW, 1, key, self.token, ttl_ms
+                ):
+                    return  # lost (expired while the driver was stalled): nothing to renew
+            except Exception:  # a Redis hiccup: try again at the next tick
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._client is not None:
+            client, self._client = self._client, None
+            self._thread.join(timeout=5)
+            try:
+                client.eval(self._DELETE, 1, _NAMESPACE + self.study, self.token)
+            finally:
+                client.close()
 
 
 def lease_holder(conn: Any, study: str) -> str | None:

@@ -4,7 +4,9 @@ Every phase (the ask/tell loop, the held-out pass, the reference merges) submits
 :meth:`WorkerPool.submit` and collects them with :meth:`WorkerPool.next_result`, or hands a list
 of calls to :meth:`WorkerPool.as_completed`. A worker that dies is restarted by Ray
 (``max_restarts=-1``); while it reloads its models the pool pings it and keeps feeding the
-others, and it rejoins the idle list when the ping answers.
+others, and it rejoins the idle list when the ping answers. A call that runs past
+``search.trial_timeout`` seconds is given up: its worker is killed (``ray.kill``, restarted by
+Ray the same way) and the call fails with ``"timed out after N s"``.
 """
 
 from __future__ import annotations
@@ -33,13 +35,19 @@ class WorkerPool:
     One call per worker at a time: ``idle`` lists the free workers, ``inflight`` maps each
     call's ref to ``(worker, item)``, ``restarting`` maps a ping ref to ``(worker, since)``.
     A call that raised fails with the worker's exception as ``"Type: message"``; the actor
-    lives on. A call whose actor died fails with ``"worker died: ..."``.
+    lives on. A call whose actor died fails with ``"worker died: ..."``; one still running
+    after ``search.trial_timeout`` seconds with ``"timed out after N s ..."`` (not retried by
+    :meth:`as_completed`: a call that hung once is likely to hang again).
     """
 
     restart_timeout_s = 600.0
 
     def __init__(
-        self, job: JobConfig, *, address: str | None = None, worker_class: type | None = None,
+        self,
+        job: JobConfig,
+        *,
+        address: str | None = None,
+        worker_class: type | None = None,
         on_progress: Any = None,
     ) -> None:
         from evomerge.search.ray_cluster import start_ray
@@ -63,6 +71,8 @@ class WorkerPool:
         self.idle = list(range(self.size))
         self.inflight: dict[Any, tuple[int, Any]] = {}
         self.restarting: dict[Any, tuple[int, float]] = {}
+        self.timeout: float | None = job.search.trial_timeout
+        self.deadlines: dict[Any, float] = {}  # call ref -> when it times out
         self._check_started()
 
     def _check_started(self) -> None:
@@ -97,7 +107,10 @@ class WorkerPool:
     def submit(self, item: Any, method: str, *args: Any) -> None:
         """Call ``method(*args)`` on an idle worker; its :class:`Outcome` carries ``item``."""
         worker = self.idle.pop()
-        self.inflight[getattr(self.actors[worker], method).remote(*args)] = (worker, item)
+        ref = getattr(self.actors[worker], method).remote(*args)
+        self.inflight[ref] = (worker, item)
+        if self.timeout is not None:  # the worker is idle: the call starts now
+            self.deadlines[ref] = time.monotonic() + self.timeout
 
     def next_result(self, timeout: float | None = None) -> Outcome | None:
         """Wait for the next finished call; ``None`` when a restarted worker came back instead
@@ -106,14 +119,23 @@ class WorkerPool:
 
         if not self.inflight and not self.restarting:
             raise RuntimeError("next_result: no call in flight and no worker restarting")
-        ready, _ = ray.wait([*self.inflight, *self.restarting], num_returns=1, timeout=timeout)
-        if not ready:
-            return None
+        start = time.monotonic()
+        while True:
+            wait = self._until_deadline(timeout, start)
+            ready, _ = ray.wait([*self.inflight, *self.restarting], num_returns=1, timeout=wait)
+            if ready:
+                break
+            late = self._timed_out()
+            if late is not None:
+                return late
+            if timeout is not None and time.monotonic() - start >= timeout:
+                return None
         [ref] = ready
         if ref in self.restarting:
             self._pinged(ref)
             return None
         worker, item = self.inflight.pop(ref)
+        self.deadlines.pop(ref, None)
         try:
             result = ray.get(ref)
         except ray.exceptions.RayTaskError as err:  # the call raised; the actor lives on
@@ -124,6 +146,34 @@ class WorkerPool:
             return Outcome(item, None, f"worker died: {_cause(err)}", died=True)
         self.idle.append(worker)
         return Outcome(item, result, None, died=False)
+
+    def _until_deadline(self, timeout: float | None, start: float) -> float | None:
+        """How long ``ray.wait`` may block: until ``timeout`` or the first call's deadline."""
+        now = time.monotonic()
+        waits = [] if timeout is None else [start + timeout - now]
+        if self.deadlines:
+            waits.append(min(self.deadlines.values()) - now)
+        return max(0.0, min(waits)) if waits else None
+
+    def _timed_out(self) -> Outcome | None:
+        """Give up the call most overdue, if one is: kill its worker (Ray restarts it; the
+        pool pings it back in) and fail the call."""
+        import ray
+
+        if not self.deadlines:
+            return None
+        ref = min(self.deadlines, key=self.deadlines.__getitem__)
+        if self.deadlines[ref] > time.monotonic():
+            return None
+        del self.deadlines[ref]
+        worker, item = self.inflight.pop(ref)
+        ray.kill(self.actors[worker], no_restart=False)
+        self._ping(worker, time.monotonic())
+        error = (
+            f"timed out after {self.timeout:g} s (search.trial_timeout); the worker was "
+            "killed and restarted"
+        )
+        return Outcome(item, None, error, died=False)
 
     def _ping(self, worker: int, since: float) -> None:
         self.restarting[self.actors[worker].ping.remote()] = (worker, since)
@@ -177,6 +227,7 @@ class WorkerPool:
         items = [item for _, item in self.inflight.values()]
         self.idle += [worker for worker, _ in self.inflight.values()]
         self.inflight.clear()
+        self.deadlines.clear()
         return items
 
     def close(self) -> None:
@@ -216,8 +267,11 @@ def check_fits(job: JobConfig) -> None:
     if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
         return
     offers = "; ".join(
-        ", ".join(f"{k}={v:g}" for k, v in sorted(n.items()) if not k.startswith("node:")
-                  and k not in ("memory", "object_store_memory"))
+        ", ".join(
+            f"{k}={v:g}"
+            for k, v in sorted(n.items())
+            if not k.startswith("node:") and k not in ("memory", "object_store_memory")
+        )
         for n in nodes
     )
     raise ValueError(
