@@ -221,7 +221,7 @@ def test_then_is_checked():
 
 def test_phase_jobs():
     job = parse_job({**GOOD, "search": {
-        "space": {"name": "parameter", "method": "linear"}, "trials": 5,
+        "space": {"name": "parameter", "method": "linear"}, "trials": 5, "trial_timeout": 90,
         "then": {"space": {"name": "dfs", "repeats": 3}, "trials": 7,
                  "sampler": {"name": "nsga2"},
                  "objectives": [{"metric": "cost/layers"}, {"metric": "cost/params"}]}}})
@@ -236,6 +236,7 @@ def test_phase_jobs():
     assert space.models == ("ps", "x", "y") and Recipe.from_dict(space.recipes["ps"]) == winner
     assert second.search.trials == 7 and len(second.objectives) == 2
     assert second.resolved_run_dir == job.resolved_run_dir
+    assert first.search.trial_timeout == second.search.trial_timeout == 90  # both phases
 
 
 def test_a_model_without_config_is_named(tmp_path):

@@ -246,3 +246,22 @@ def test_redis_lease_renewed_then_freed_by_kill_when_it_expires(redis_url):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_redis_storage_of_the_driver_takes_the_lease(redis_url, tmp_path):
+    """The driver's Redis journal (open_storage(writer=True) + lock_study, as open_study does)
+    holds the study: a second driver's storage is refused, a reader is not; close frees it."""
+    first = open_storage(redis_url, tmp_path, writer=True)
+    lock_study(first, "r1")
+    try:
+        second = open_storage(redis_url, tmp_path, writer=True)
+        with pytest.raises(JournalLockedError, match="study 'r1' in redis://"):
+            lock_study(second, "r1")
+        lock_study(open_storage(redis_url, tmp_path), "r1")  # a reader takes no lease
+        lock_study(second, "r2")  # another study is free
+        close_storage(second)
+    finally:
+        close_storage(first)
+    third = open_storage(redis_url, tmp_path, writer=True)
+    lock_study(third, "r1")  # released by close_storage
+    close_storage(third)

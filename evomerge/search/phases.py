@@ -61,6 +61,7 @@ def dfs_job(job: JobConfig, winner: Recipe) -> JobConfig:
     space = phase["space"]
     space["recipes"] = {**space["recipes"], name: winner.to_dict()}
     space["models"] = list(default_dfs_models(then.space, job.models, winner=name))
+    phase["trial_timeout"] = data["search"].get("trial_timeout")  # the job's, for both phases
     data.update(search=phase, objectives=objectives, run_dir=str(job.resolved_run_dir))
     return parse_job(data, source=f"phase 2 of {job.name!r}")
 

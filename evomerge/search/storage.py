@@ -14,7 +14,8 @@ when a line in the middle is corrupt.
 
 A study in PostgreSQL opened with ``writer=True`` is held the same way, per study:
 :func:`lock_study` takes a :class:`~evomerge.search.lease.StudyLease` (an advisory lock) and a
-second driver on that study gets the journal's refusal. SQLite and Redis have no driver lock.
+second driver on that study gets the journal's refusal; SQLite (a ``flock`` per study) and Redis
+(a renewed ``SET NX`` key) too.
 
 The journal file backends live in :mod:`evomerge.search.journal`. The driver itself works on
 an in-memory copy of its study that a background thread writes back here
@@ -44,6 +45,17 @@ class DriverRDBStorage(optuna.storages.RDBStorage):
     lease: StudyLease | None = None
 
 
+class DriverJournalRedis(JournalStorage):
+    """A Redis journal for the driver: holds the lease (a renewed ``SET NX`` key) of the study
+    it drives."""
+
+    lease: StudyLease | None = None
+    url: str = ""
+
+
+LEASED = (DriverRDBStorage, DriverJournalRedis)
+
+
 def storage_url(url: str | None, run_dir: Path) -> str:
     return url or f"journal:{run_dir / JOURNAL_NAME}"
 
@@ -66,7 +78,11 @@ def open_storage(
     if url.startswith("redis://") or url.startswith("rediss://"):
         from optuna.storages.journal import JournalRedisBackend
 
-        return JournalStorage(JournalRedisBackend(url))
+        if not writer:
+            return JournalStorage(JournalRedisBackend(url))
+        redis = DriverJournalRedis(JournalRedisBackend(url))
+        redis.url = url
+        return redis
     if "://" in url:
         cls = DriverRDBStorage if writer and supports_lease(url) else optuna.storages.RDBStorage
         return cls(url, heartbeat_interval=None)
@@ -77,10 +93,10 @@ def open_storage(
 
 
 def lock_study(storage: BaseStorage, study: str) -> None:
-    """Take the driver lease of ``study`` in a PostgreSQL storage opened with ``writer=True``
-    (a journal file is locked when opened); a study held elsewhere raises
+    """Take the driver lease of ``study`` in a PostgreSQL, SQLite or Redis storage opened with
+    ``writer=True`` (a journal file is locked when opened); a study held elsewhere raises
     :class:`~evomerge.search.journal.JournalLockedError`. Released by :func:`close_storage`."""
-    if isinstance(storage, DriverRDBStorage) and storage.lease is None:
+    if isinstance(storage, LEASED) and storage.lease is None and supports_lease(storage.url):
         storage.lease = StudyLease.acquire(storage.url, study)
 
 
@@ -97,10 +113,10 @@ def close_storage(storage: BaseStorage) -> None:
     backend = getattr(storage, "_backend", None)
     if isinstance(backend, DriverJournalFile):
         backend.close()
-    rdb = backend if isinstance(backend, DriverRDBStorage) else storage  # optuna's cache wraps it
-    if isinstance(rdb, DriverRDBStorage) and rdb.lease is not None:
-        rdb.lease.release()
-        rdb.lease = None
+    held = backend if isinstance(backend, DriverRDBStorage) else storage  # optuna's cache wraps it
+    if isinstance(held, LEASED) and held.lease is not None:
+        held.lease.release()
+        held.lease = None
 
 
 def study_exists(storage: BaseStorage, name: str) -> bool:
