@@ -188,6 +188,26 @@ def check_compatible(ref_name: str, ref: Any, name: str, model: Any) -> None:
     check_same_tensors(ref_name, tensor_shapes(ref), name, tensor_shapes(model))
 
 
+def check_compatible_config(ref_name: str, ref: Any, name: str, source: str, *,
+                            load: LoadConfig) -> None:
+    """:func:`check_compatible`'s architecture check from model ``name``'s config alone (its
+    tensors are compared by :func:`check_same_tensors` on the safetensors headers)."""
+    import transformers
+
+    location, revision, _ = locate(name, source)
+    opts: dict[str, Any] = {"trust_remote_code": load.trust_remote_code}
+    if revision is not None:
+        opts["revision"] = revision
+    config = transformers.AutoConfig.from_pretrained(location, **opts)
+    want = (ref.config.model_type, tuple(ref.config.architectures or ()))
+    got = (config.model_type, tuple(config.architectures or ()))
+    if want != got:
+        raise ValueError(
+            f"model {name!r} is {got[0]} {list(got[1])} but {ref_name!r} is {want[0]} "
+            f"{list(want[1])}; models to merge must share one architecture"
+        )
+
+
 def check_same_tensors(ref_name: str, ref: Mapping[str, tuple[int, ...]], name: str,
                        other: Mapping[str, tuple[int, ...]]) -> None:
     for key, shape in ref.items():
@@ -217,3 +237,46 @@ def check_same_vocab(ref_name: str, ref_tok: Any, name: str, tok: Any) -> None:
         f"the tokenizer of model {name!r} differs from {ref_name!r} ({detail}); models to "
         "merge must share one vocabulary"
     )
+
+
+class SafetensorsReader:
+    """One tensor at a time from a local safetensors folder, in the file's own dtype: a task
+    vector is computed from the stored weights (not from a 16-bit load of them) without a
+    second copy of the model in memory.
+
+    >>> reader = SafetensorsReader.open("models/a")  # doctest: +SKIP
+    >>> reader.shapes["model.norm.weight"], reader.get("model.norm.weight").dtype  # doctest: +SKIP
+    ((576,), torch.float32)
+    """
+
+    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> None:
+        self.files = files  # tensor name -> the file that holds it
+        self.shapes = shapes
+
+    @classmethod
+    def open(cls, source: str) -> SafetensorsReader | None:
+        """The reader of a local safetensors folder; None for a hub id or other weights."""
+        location, revision = parse_source(source)
+        folder = Path(location).expanduser()
+        if revision is not None or not folder.is_dir():
+            return None
+        index = folder / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {k: folder / v for k, v in weight_map.items()}
+        else:
+            files = {k: f for f in sorted(folder.glob("*.safetensors"))
+                     for k in safetensors_header_shapes(f)}
+        if not files:
+            return None
+        return cls(files, safetensors_shapes(folder))
+
+    def get(self, key: str) -> Any:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def covers(self, keys: Any, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether every tensor ``keys`` names is stored here with the shape in ``shapes``."""
+        return all(tuple(self.shapes.get(k, ())) == tuple(shapes[k]) for k in keys)

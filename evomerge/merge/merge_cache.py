@@ -1,10 +1,10 @@
 """Per-task-vector caches that make a candidate's trim windows and random masks cheap.
 
-- :class:`SortCache`: each task vector's magnitudes sorted (float32) and mergekit's own argsort
+- :class:`SortCache`: a task vector's magnitudes sorted (float32) and mergekit's own argsort
   order of its entries (descending for TIES, ascending for breadcrumbs; int32): 8 bytes per
-  entry. A candidate's trim bounds are lookups, its rescale norm a slice sum, and the tie groups
-  that its rank window cuts (where mergekit keeps some tied entries, not all) are read from the
-  order. Beyond the memory budget they are sorted again for every candidate (exact, slower).
+  entry, only for the task vectors where a candidate's trim bound cuts a tie group (where
+  mergekit keeps some tied entries, not all, and only its order says which); every other bound
+  is found by selection (:func:`evomerge.merge.trimming.window_bounds`), with no cache.
 - :class:`DareLevels`: the DARE levels of each task vector for one recipe seed, and per level the
   L1 norm of the entries below it, so a rescale factor is a lookup. The levels of two task
   vectors share one float32 (``4096 * a + b``, exact): 2 bytes per entry, loaded at full speed
@@ -14,9 +14,9 @@
 - :class:`DellaCodes`: DELLA's row rank and random level of every entry for one seed, as one
   int32 ``rank * 4096 + level``; beyond the budget built again for every candidate.
 
-Each holds ``K x params`` entries (K task vectors) at most; each is built on first use, all at
-once, and only if it fits in the budget: ``cache_bytes`` if given, else half the memory free on
-the device at that moment.
+Each holds ``K x params`` entries (K task vectors) at most; each is built on first use (the
+DARE, DELLA and SCE ones all at once), and only if it fits in the budget: ``cache_bytes`` if
+given, else half the memory free on the device at that moment.
 """
 
 from __future__ import annotations
@@ -49,30 +49,38 @@ def _budget(cache_bytes: int | None, device: torch.device) -> int:
 
 class SortCache:
     """Sorted magnitudes and mergekit's argsort order of stored task vectors ``deltas[name][row]``
-    per trim kind, built on first use."""
+    per trim kind, built per task vector on first use: the Workspace asks only for those where a
+    trim bound cuts a tie group (its bounds come from selection otherwise). Kept while their
+    total stays within the budget, else sorted again when asked."""
 
     def __init__(self, deltas: Mapping[str, Tensor], cache_bytes: int | None) -> None:
         self._deltas = deltas
         self._cache_bytes = cache_bytes
-        self._sorted: dict[str, dict[tuple[str, int], trimming.SortedMagnitudes] | None] = {}
+        self._budget: int | None = None
+        self._sorted: dict[tuple[str, str, int], trimming.SortedMagnitudes] = {}
+        self._asked: dict[str, bool] = {}  # kind -> every sort asked for was kept
 
     def cached(self, kind: str) -> bool | None:
-        """Whether the sorts of ``kind`` are kept (None: not asked for yet)."""
-        return None if kind not in self._sorted else self._sorted[kind] is not None
+        """Whether the sorts of ``kind`` asked for are kept (None: none asked for yet)."""
+        return self._asked.get(kind)
 
     def get(self, kind: str, name: str, row: int) -> trimming.SortedMagnitudes:
         """Task vector ``row`` of tensor ``name``, sorted for trim ``kind``."""
-        if kind not in self._sorted:
-            need = sum(d.numel() * 8 for d in self._deltas.values())
+        key = (kind, name, row)
+        if key in self._sorted:
+            return self._sorted[key]
+        s = trimming.sorted_magnitudes(kind, self._deltas[name][row].abs())
+        if self._budget is None:
             device = next(iter(self._deltas.values())).device
-            fits = need <= _budget(self._cache_bytes, device)
-            self._sorted[kind] = ({(n, r): self._sort(kind, n, r) for n, d in self._deltas.items()
-                                   for r in range(d.shape[0])} if fits else None)
-        cached = self._sorted[kind]
-        return self._sort(kind, name, row) if cached is None else cached[(name, row)]
+            self._budget = _budget(self._cache_bytes, device)
+        fits = self.nbytes() + s.values.numel() * 8 <= self._budget
+        if fits:
+            self._sorted[key] = s
+        self._asked[kind] = self._asked.get(kind, True) and fits
+        return s
 
-    def _sort(self, kind: str, name: str, row: int) -> trimming.SortedMagnitudes:
-        return trimming.sorted_magnitudes(kind, self._deltas[name][row].abs())
+    def nbytes(self) -> int:
+        return sum(s.values.numel() * 8 for s in self._sorted.values())
 
 
 def _select(stack: Tensor, rows: Sequence[int]) -> Tensor:
@@ -115,6 +123,10 @@ class DareLevels:
         levels = unpack_levels(packed, cum.shape[0])
         return pack_levels(levels[index.to(levels.device)]), cum[index]
 
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() + c.numel() * c.element_size()
+                   for p, c in (self._cached or {}).values())
+
     def _draw(self, seed: int, name: str, rows: Sequence[int]) -> tuple[Tensor, Tensor]:
         stack = self._deltas[name]
         levels, cums = [], []
@@ -154,6 +166,9 @@ class DellaCodes:
             return self._codes(seed, name, rows)
         return _select(self._cached[name], rows)
 
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in (self._cached or {}).values())
+
     def _codes(self, seed: int, name: str, rows: Sequence[int]) -> Tensor:
         stack = self._deltas[name]
         if trimming.row_length(stack.shape[1:]) > self.MAX_ROW:
@@ -179,6 +194,10 @@ class SceVariance:
         self._cache_bytes = cache_bytes
         self._fits: bool | None = None
         self._cached: dict[tuple[str, tuple[int, ...]], tuple[Tensor, Tensor, Tensor]] = {}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for entry in self._cached.values()
+                   for t in entry)
 
     def mask(self, name: str, tvs: Tensor, rows: Sequence[int], density: float) -> Tensor | None:
         """mergekit's selection mask for float32 task vectors ``tvs`` (rows ``rows`` of tensor

@@ -6,9 +6,11 @@ the window ``[n_bot, n_bot + int(density * n))`` of the ascending order, DELLA r
 ascending. Among entries whose ``|tau|`` ties a threshold, which ones are kept is whatever that
 argsort puts first; so evomerge ranks with the very same call and keeps a *rank window*: the
 kept set, ties included, is mergekit's, entry for entry (the reference merge ranks every
-entry). The Workspace keeps each task vector's sorted magnitudes and argsort order
-(:class:`SortedMagnitudes`): it trims by magnitude bounds, ties included, in one fused pass and
-then rewrites the few entries of the tie groups a window cuts (:func:`partial_ties`).
+entry). The Workspace trims by magnitude bounds, ties included, in one fused pass; it finds
+the bounds by selection (:func:`window_bounds`: exact order statistics from a sampled bracket,
+~55x faster than the sort on SmolLM2's task vectors) and only where a bound cuts a tie group
+takes the argsort order (:class:`SortedMagnitudes`) to rewrite that group's entries
+(:func:`partial_ties`).
 
 Ranks are computed on the CPU in float32 (as mergekit does on the CPU), whatever device the task
 vector is on, so a merge on a GPU keeps the same entries as ``mergekit-yaml`` on a CPU.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -185,6 +188,92 @@ def partial_ties(s: SortedMagnitudes, window: tuple[int, int]) -> list[tuple[Ten
         positions = torch.arange(start, stop + 1, device=s.order.device)
         out.append((s.order[start:stop + 1].long(), (positions >= lo) & (positions < hi)))
     return out
+
+
+# -- exact bounds without a sort: order statistics by selection --------------------------------
+SAMPLE = 1 << 14
+"""Entries sampled to bracket an order statistic: the bracket holds ~3 % of a big tensor, whose
+entries alone are then partitioned."""
+
+_SAMPLE_INDEX: dict[int, np.ndarray] = {}
+
+
+class Bounds(NamedTuple):
+    """A rank window resolved to magnitudes: keep ``lo <= |tau| <= hi``. ``cut``: a tie group at
+    a non-zero bound straddles the window, where only mergekit's argsort order says which of its
+    entries are kept (:func:`partial_ties`); ties at 0 never matter (a kept 0 adds nothing).
+    ``l1``: the L1 norms of the kept entries and of all (None unless asked for, or when cut)."""
+
+    lo: float
+    hi: float
+    cut: bool
+    l1: tuple[float, float] | None
+
+
+def window_bounds(kind: str, abs_delta: Tensor, window: tuple[int, int], *,
+                  l1: bool = False) -> Bounds:
+    """:class:`Bounds` of a non-empty rank ``window`` of ``abs_delta`` for trim ``kind``, by
+    selection (:func:`order_statistic`, ~2 passes over the entries) instead of a sort.
+
+    >>> b = window_bounds("magnitude", torch.tensor([3.0, 1.0, 3.0, 2.0]), (0, 2), l1=True)
+    >>> b.lo, b.cut, b.l1
+    (3.0, False, (6.0, 9.0))
+    """
+    flat = _numpy_f32(abs_delta)
+    n = flat.size
+    if kind == "magnitude":  # the largest hi - lo: ascending positions [n - hi, n)
+        a, b = n - window[1], n - window[0]
+    elif kind == "outliers":
+        a, b = window
+    else:
+        raise ValueError(f"unknown trim method {kind!r}; use 'magnitude' or 'outliers'")
+    lo, below, _ = order_statistic(flat, a)
+    cut = lo > 0 and below < a
+    hi = math.inf
+    if b < n:
+        hi, _, through = order_statistic(flat, b - 1)
+        cut = cut or (hi > 0 and through > b)
+    kept = None
+    if l1 and not cut:
+        where = flat >= lo if b == n else (flat >= lo) & (flat <= hi)
+        kept = (float(np.sum(flat, where=where, dtype=np.float64)),
+                float(np.sum(flat, dtype=np.float64)))
+    return Bounds(lo, hi, cut, kept)
+
+
+def order_statistic(flat: np.ndarray, q: int) -> tuple[float, int, int]:
+    """The value ``v`` at ascending position ``q`` of ``flat`` (exact) with the counts of entries
+    ``< v`` and ``<= v``. A sorted sample brackets ``v``; only the entries inside the bracket
+    are partitioned (all of them if the bracket misses, which stays exact)."""
+    cand, below = flat, 0
+    n = flat.size
+    if n > 4 * SAMPLE:
+        sample = np.sort(flat[_sample_index(n)])
+        centre, margin = q * SAMPLE / n, 4 * math.sqrt(SAMPLE / 4) + 8
+        i, j = int(centre - margin), int(math.ceil(centre + margin))
+        low = sample[i] if i > 0 else -np.inf
+        high = sample[j] if j < SAMPLE else np.inf
+        inside = flat[(flat >= low) & (flat <= high)]
+        below = int(np.count_nonzero(flat < low)) if i > 0 else 0
+        if below <= q < below + inside.size:
+            cand = inside
+        else:
+            below = 0
+    r = q - below
+    v = np.partition(cand, r)[r]
+    return float(v), below + int(np.count_nonzero(cand < v)), below + int(
+        np.count_nonzero(cand <= v))
+
+
+def _sample_index(n: int) -> np.ndarray:
+    if n not in _SAMPLE_INDEX:
+        _SAMPLE_INDEX[n] = np.random.default_rng(n).integers(0, n, SAMPLE)
+    return _SAMPLE_INDEX[n]
+
+
+def _numpy_f32(values: Tensor) -> np.ndarray:
+    """``values`` flattened as a float32 numpy array on the CPU (a view when it already is)."""
+    return values.detach().reshape(-1).to("cpu", torch.float32).numpy()
 
 
 # -- DELLA: magnitude-ranked keep probabilities ------------------------------------------------

@@ -5,20 +5,31 @@ it cannot merge (see :func:`mergeable`) rather than merge part of it.
 
 The base model (or the first source when there is none) is the *anchor*: the Workspace keeps a
 copy of its weights and, per tensor, the stacked task vectors ``theta_k - anchor`` of the other
-sources, on ``load.device`` in the model's dtype. :meth:`Workspace.apply` merges from those (never
-from the live weights, so applying X, then Y, then X gives X's weights exactly) and writes the
-result into ``Workspace.model``; nothing touches disk. Each tensor is merged by one fused kernel
-(:mod:`evomerge.merge.kernels`) that reads the base and the K task vectors once and writes the
-parameter: the cost of a candidate is about one pass over that memory. The method's spec picks the
-kernel (:meth:`Workspace._path`: weighted sum, trim or DARE for the linear and task-arithmetic
-families); a method without a fused path runs its reference kernel on the models' tensors rebuilt
-from the task vectors (slerp, or a newly registered method). Trimming thresholds (TIES,
-breadcrumbs) and DARE masks come from caches built on first use
-(:mod:`evomerge.merge.merge_cache`): sorted magnitudes per task vector (a threshold is a lookup)
-and DARE levels per task vector and seed, each kept only if it fits in ``cache_bytes`` (default:
-half the free memory of the device). DARE levels are drawn from generators seeded by (recipe seed,
+sources, on ``load.device``. Task vectors are computed in float32 from the stored weights, read
+one tensor at a time (no second model in memory), and kept in the model's dtype, or in float32
+for a 16-bit load (rounding the weights to bfloat16 first zeroes about a third of a LoRA task
+vector). A tensor that every source has bit for bit equal to the anchor's (embeddings and norms
+of LoRA fine-tunes) gets no task vector and no copy: its base is the live parameter, which the
+task-arithmetic family never needs to touch. So the Workspace holds at most ``(K + 2) x`` the
+model (K task vectors, the copy, the live model), less the unchanged tensors, plus the caches.
+
+:meth:`Workspace.apply` merges from those (never from the live weights, so applying X, then Y,
+then X gives X's weights exactly) and writes the result into ``Workspace.model``; nothing
+touches disk. Each tensor is merged by one fused kernel (:mod:`evomerge.merge.kernels`) that
+reads the base and the K task vectors once and writes the parameter: the cost of a candidate is
+about one pass over that memory. The method's spec picks the kernel (:meth:`Workspace._path`:
+weighted sum, trim or DARE for the linear and task-arithmetic families); a method without a
+fused path runs its reference kernel on the models' tensors rebuilt from the task vectors
+(slerp, or a newly registered method). Trimming bounds (TIES, breadcrumbs) are found per
+candidate by selection (:func:`evomerge.merge.trimming.window_bounds`: a sampled bracket, then a
+partition of the few entries inside it), exactly mergekit's kept set; mergekit's argsort order
+is computed (and cached, :class:`~evomerge.merge.merge_cache.SortCache`) only for a task vector
+where a bound cuts a tie group. DARE masks and DELLA codes come from caches built on first use
+(:mod:`evomerge.merge.merge_cache`), each kept only if it fits in ``cache_bytes`` (default: half
+the free memory of the device). DARE levels are drawn from generators seeded by (recipe seed,
 tensor name, model name) on the CPU, so a recipe is reproducible bit for bit. The result equals
-:func:`evomerge.merge.reference.merge_state_dicts` to float32 rounding.
+:func:`evomerge.merge.reference.merge_state_dicts` to float32 rounding (for a 16-bit load: that
+merge of the stored weights, rounded to the model's dtype).
 
 >>> ws = Workspace({"base": "models/base", "a": "models/a"}, "base")  # doctest: +SKIP
 >>> model = ws.apply(recipe)                                         # doctest: +SKIP
@@ -38,7 +49,10 @@ from evomerge.config import LoadConfig
 from evomerge.merge import kernels, trimming
 from evomerge.merge import merge_methods as mm
 from evomerge.merge.loading import (
+    SafetensorsReader,
     check_compatible,
+    check_compatible_config,
+    check_same_tensors,
     check_same_vocab,
     load_model,
     load_tokenizer,
@@ -60,12 +74,12 @@ DEFAULT_LOAD = LoadConfig.model_validate({})
 class Workspace:
     """Sources loaded once; :meth:`apply` writes a recipe's merged weights into :attr:`model`.
 
-    ``cache_bytes`` caps each cache (:mod:`evomerge.merge.merge_cache`): the sorted magnitudes
-    and argsort order for TIES and for breadcrumbs (``K x params x 8`` bytes each; beyond the
-    cap sorted again per candidate), the DARE levels of one seed (``K x params x 2`` bytes) and
-    the DELLA codes of one seed (``K x params x 4`` bytes; beyond the cap drawn anew per
-    candidate). None: half the memory free on the device when the cache is built. Default:
-    ``load.merge_cache_bytes``.
+    ``cache_bytes`` caps each cache (:mod:`evomerge.merge.merge_cache`): mergekit's argsort
+    order of the task vectors where a TIES or breadcrumbs bound cuts a tie group (8 bytes per
+    entry of those; beyond the cap sorted again when needed), the DARE levels of one seed
+    (``K x params x 2`` bytes) and the DELLA codes of one seed (``K x params x 4`` bytes; beyond
+    the cap drawn anew per candidate). None: half the memory free on the device when the cache
+    is built. Default: ``load.merge_cache_bytes``. :meth:`held_bytes` counts what it holds.
     """
 
     def __init__(
@@ -84,22 +98,26 @@ class Workspace:
         self.model = load_model(self.anchor, self.sources[self.anchor], load=load)
         self.num_layers = _num_layers(self.model.config)
         self._params = dict(self.model.named_parameters())
-        self._base = {n: p.detach().clone() for n, p in self._params.items()}
+        first = next(iter(self._params.values()))
+        self._device = first.device
+        self.task_vector_dtype = (torch.float32 if first.dtype in (torch.float16, torch.bfloat16)
+                                  else first.dtype)
         others = [n for n in self.sources if n != self.anchor]
         self._row = {n: i for i, n in enumerate(others)}
-        self._deltas = {
-            n: torch.empty((len(others), *p.shape), dtype=p.dtype, device=p.device)
-            for n, p in self._base.items()
-        }
-        for name in others:
-            self._load_delta(name)
-        self._device = next(iter(self._base.values())).device
+        self._deltas: dict[str, Tensor] = {}  # only the tensors some model changes
+        self._load_deltas(others)
+        # The base of a tensor no model changes is the live parameter itself (one copy): the
+        # merge leaves it as it is (or detaches a copy first, see _unchanged_merge).
+        self._base = {n: (p.detach().clone() if n in self._deltas else p.detach())
+                      for n, p in self._params.items()}
+        self._aliased = {n for n in self._params if n not in self._deltas}
         if cache_bytes is None:
             cache_bytes = load.merge_cache_bytes
         self.sorts = SortCache(self._deltas, cache_bytes)
         self.dare = DareLevels(self._deltas, others, cache_bytes)
         self.della = DellaCodes(self._deltas, others, cache_bytes)
         self.sce = SceVariance(self._deltas, cache_bytes)
+        self._bounds: dict[tuple[str, str, int], tuple[tuple[int, int], trimming.Bounds]] = {}
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, load: LoadConfig | None = None) -> Workspace:
@@ -117,18 +135,70 @@ class Workspace:
         """The loaded source names, in order."""
         return list(self.sources)
 
-    def _load_delta(self, name: str) -> None:
+    def _load_deltas(self, others: list[str]) -> None:
+        """Each other model's task vectors ``theta_k - anchor``, computed in float32 from the
+        stored weights one tensor at a time, stored in :attr:`task_vector_dtype` (float32 for a
+        16-bit load: rounding the weights to bfloat16 first zeroes a third of a LoRA task
+        vector); a tensor equal to the anchor's in every model gets none."""
+        anchor = SafetensorsReader.open(self.sources[self.anchor])
+        for name in others:
+            source = self.sources[name]
+            check_same_vocab(self.anchor, self.tokenizer,
+                             name, load_tokenizer(name, source, load=self.load))
+            reader = SafetensorsReader.open(source)
+            shapes = {k: tuple(p.shape) for k, p in self._params.items()}
+            if (anchor is None or reader is None or not anchor.covers(shapes, shapes)
+                    or not reader.covers(shapes, shapes)):
+                self._load_delta_from_model(name)
+                continue
+            check_compatible_config(self.anchor, self.model, name, source, load=self.load)
+            check_same_tensors(self.anchor, anchor.shapes, name, reader.shapes)
+            for key in self._params:
+                self._store_delta(key, self._row[name], reader.get(key), anchor.get(key))
+
+    def _load_delta_from_model(self, name: str) -> None:
+        """The slow way (a hub id, pickle weights, renamed keys): the whole model, loaded."""
         source = self.sources[name]
-        check_same_vocab(self.anchor, self.tokenizer,
-                         name, load_tokenizer(name, source, load=self.load))
-        other = load_model(name, source, load=self.load.model_copy(update={"device": "cpu"}))
+        load = self.load.model_copy(update={"device": "cpu", "dtype": "float32"})
+        other = load_model(name, source, load=load)
         check_compatible(self.anchor, self.model, name, other)
+        anchor = load_model(self.anchor, self.sources[self.anchor], load=load).state_dict()
         state = other.state_dict()
-        row = self._row[name]
+        for key in self._params:
+            self._store_delta(key, self._row[name], state[key], anchor[key])
+        del other, state, anchor
+
+    def _store_delta(self, key: str, row: int, theta: Tensor, anchor: Tensor) -> None:
+        if theta.dtype == anchor.dtype and torch.equal(theta, anchor):
+            return
+        delta = theta.float() - anchor.float()
+        if not delta.any():
+            return
+        if key not in self._deltas:
+            shape = (len(self._row), *anchor.shape)
+            self._deltas[key] = torch.zeros(shape, dtype=self.task_vector_dtype,
+                                            device=self._device)
         with torch.no_grad():
-            for key, base in self._base.items():
-                self._deltas[key][row] = state[key].to(base.device, base.dtype) - base
-        del other, state
+            self._deltas[key][row] = delta.to(self._device, self.task_vector_dtype)
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors this Workspace holds: the live model, the anchor's copies (none
+        for tensors no model changes), the task vectors and the merge caches."""
+        def size(tensors: Any) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        caches = self.sorts.nbytes() + self.dare.nbytes() + self.della.nbytes()
+        return {"model": size(self._params.values()),
+                "base": size(self._base[n] for n in self._params if n not in self._aliased),
+                "task_vectors": size(self._deltas.values()),
+                "caches": caches + self.sce.nbytes()}
+
+    def task_vector(self, name: str, row: int) -> Tensor:
+        """The stored task vector of tensor ``name`` for source row ``row`` (zeros if none)."""
+        stored = self._deltas.get(name)
+        if stored is None:
+            return torch.zeros_like(self._base[name], dtype=self.task_vector_dtype)
+        return stored[row]
 
     # -- applying a recipe -------------------------------------------------------------------
     def apply(self, recipe: Recipe) -> Any:
@@ -158,12 +228,33 @@ class Workspace:
 
     def _merge_into(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor) -> None:
         if keeps_base(recipe, name):
-            param.copy_(self._base[name])
+            if name not in self._aliased:
+                param.copy_(self._base[name])
             return
         kwargs = tensor_params(recipe, plan, name, num_layers=self.num_layers)
+        if name not in self._deltas and self._unchanged_merge(plan, name, param, kwargs):
+            return
         rows = [self._row[m] for m in plan.models if m != self.anchor]
         path = self._path(plan.spec)
         path(recipe, plan, name, param, rows, kwargs)
+
+    def _unchanged_merge(self, plan: MergePlan, name: str, param: Tensor, kwargs: dict) -> bool:
+        """A tensor no model changes: the task-arithmetic family and SCE give the base exactly
+        (nothing to do while the parameter is the base); linear gives ``beta * base``. False
+        (after detaching a copy of the base from the parameter): merge it the general way."""
+        spec = plan.spec
+        keeps = spec.family == "task_arithmetic" or spec.kernel in (mm.sce,
+                                                                   f"{mm.__name__}:sce")
+        if spec.family == "linear":
+            keeps = _linear_coefficients(plan, self.anchor, kwargs, name)[0] == 1.0
+        if keeps:
+            if name not in self._aliased:
+                param.copy_(self._base[name])
+            return True
+        if name in self._aliased:
+            self._base[name] = param.detach().clone()
+            self._aliased.discard(name)
+        return False
 
     def _path(self, spec: MethodSpec) -> Callable[..., None]:
         """The fused path for ``spec``'s family; its kernel on rebuilt tensors where none fits."""
@@ -222,11 +313,24 @@ class Workspace:
 
     def _trim_model(self, kind: str, name: str, row: int, window: tuple[int, int] | None,
                     rescale: bool) -> tuple[float, float, float, list[tuple[Tensor, Tensor]]]:
-        """One task vector's kept magnitudes ``(lo, hi)``, rescale factor and cut tie groups."""
+        """One task vector's kept magnitudes ``(lo, hi)``, rescale factor and cut tie groups:
+        bounds by selection (:func:`trimming.window_bounds`); mergekit's argsort order
+        (:class:`SortCache`) only where a tie group at a bound is cut."""
         if window is None:
             return 0.0, math.inf, 1.0, []
         if window[0] == window[1]:
             return 0.0, -1.0, 1.0, []
+        key = (kind, name, row)
+        last = self._bounds.get(key)
+        if last is not None and last[0] == window and (last[1].l1 is not None or not rescale):
+            bounds = last[1]
+        else:
+            bounds = trimming.window_bounds(kind, self._deltas[name][row].abs(), window,
+                                            l1=rescale)
+            self._bounds[key] = (window, bounds)
+        if not bounds.cut:
+            before, after = (bounds.l1[1], bounds.l1[0]) if bounds.l1 else (1.0, 1.0)
+            return bounds.lo, bounds.hi, rescale_factors([before], [after], rescale)[0], []
         s = self.sorts.get(kind, name, row)
         low, high = trimming.window_values(s, window)
         factor = rescale_factors([float(s.values.sum())], [trimming.window_l1(s, window)],
@@ -285,16 +389,20 @@ class Workspace:
     def _reference(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
                    rows: list[int], kwargs: dict) -> None:
         """The spec's kernel on the merged models' tensors, rebuilt as anchor + task vector."""
-        base, stored = self._base[name], self._deltas[name]
-        tensors = torch.stack([stored[self._row[m]] if m in self._row else torch.zeros_like(base)
-                               for m in plan.models]).float() + base.float()
+        base = self._base[name]
+        tensors = torch.stack([self.task_vector(name, self._row[m]).float() if m in self._row
+                               else torch.zeros_like(base, dtype=torch.float32)
+                               for m in plan.models]) + base.float()
         if plan.spec.seeded:
             kwargs["generators"] = [mm.dare_generator(recipe.seed, name, m) for m in plan.models]
         param.copy_(plan.spec(base if plan.base is not None else None, tensors, **kwargs))
 
     def _rows(self, name: str, rows: list[int]) -> Tensor:
         """The stored task vectors ``rows`` of tensor ``name`` as ``(K, n)`` (a view when all)."""
-        stored = self._deltas[name]
+        stored = self._deltas.get(name)
+        if stored is None:
+            return torch.zeros((len(rows), self._base[name].numel()), device=self._device,
+                               dtype=self.task_vector_dtype)
         flat = stored.view(stored.shape[0], -1)
         if rows == list(range(stored.shape[0])):
             return flat

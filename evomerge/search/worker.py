@@ -59,9 +59,9 @@ class MergeWorker:
         return self.engines[kind]
 
     def ping(self) -> dict[str, Any]:
-        layers = self.engine(search_kind(self.job)).num_layers
-        info = {"pid": os.getpid(), "load_s": self.load_s, "num_layers": layers,
-                "peak_rss_mb": peak_rss_mb()}
+        engine = self.engine(search_kind(self.job))
+        info = {"pid": os.getpid(), "load_s": self.load_s, "num_layers": engine.num_layers,
+                "peak_rss_mb": peak_rss_mb(), **held_mb(engine)}
         return {**info, "node": _node_id(), "host": socket.gethostname()}
 
     def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
@@ -99,6 +99,15 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if os.uname().sysname == "Darwin" else 2**10)
+
+
+def held_mb(engine: Any) -> dict[str, float]:
+    """What a Workspace engine holds in MiB by role (``held_model_mb``, ``held_base_mb``,
+    ``held_task_vectors_mb``, ``held_caches_mb``); {} for an engine that does not count."""
+    counts = getattr(getattr(engine, "workspace", None), "held_bytes", None)
+    if counts is None:
+        return {}
+    return {f"held_{role}_mb": n / 2**20 for role, n in counts().items()}
 
 
 def quiet_transformers() -> None:
