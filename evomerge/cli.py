@@ -225,7 +225,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     if not args.no_progress:  # imports and checks take seconds before the first bar
-        _STATUS.show("evomerge: checking the job, the models and the data ...")
+        _STATUS.show("checking the job, the models and the data ...")
     from evomerge.config import load_job
     from evomerge.search.driver import run_search
 

@@ -124,8 +124,23 @@ class EntropyEvalConfig(DataEvalConfig):
 class AccuracyEvalConfig(DataEvalConfig):
     name: Literal["accuracy"]
     max_new_tokens: Int = Field(32, ge=1)
-    stop: tuple[str, ...] = ("\n",)
+    stop: tuple[str, ...] | None = Field(
+        None, description="stop strings; default: a newline, or only the end of the turn "
+        "(EOS) with chat_template"
+    )
     normalize: Literal["none", "strip", "lower_strip"] = "strip"
+    field: str = Field("prompt", description="the row key holding the prompt (the user turn)")
+    chat_template: Bool = False
+    system: str | None = Field(None, description="a system turn (needs chat_template: true)")
+
+    @model_validator(mode="after")
+    def _system_needs_chat(self) -> AccuracyEvalConfig:
+        if self.system is not None and not self.chat_template:
+            raise KeyedValueError(
+                "system", "a system prompt is only used with chat_template: true; set "
+                "chat_template: true or remove system"
+            )
+        return self
 
 
 class PerplexityEvalConfig(DataEvalConfig):
@@ -417,16 +432,39 @@ SamplerConfig = Annotated[
 
 
 class FidelityConfig(Strict):
-    """Successive halving over the fraction of evaluation examples used."""
+    """Successive halving over the fraction of evaluation examples used.
 
+    ``mode: fixed`` scores each candidate at ``fractions`` in turn. ``mode: auto`` picks the
+    cheap rung among ``fractions``: the first ``warmup`` candidates are scored at every
+    fraction, the smallest fraction whose Kendall tau against the full score is at least
+    ``threshold`` is used (rungs: it, then 1.0), and one more candidate is scored at every
+    fraction after each ``recheck_every`` (:class:`evomerge.search.rank_fidelity.AutoFidelity`).
+    """
+
+    mode: Literal["fixed", "auto"] = "fixed"
     fractions: tuple[Float, ...] = (0.25, 1.0)
     reduction_factor: Int = Field(2, ge=2)
+    threshold: Float = Field(0.8, ge=-1, le=1, description="auto: the tau a fraction needs")
+    warmup: Int = Field(8, ge=3, description="auto: candidates scored at every fraction first")
+    recheck_every: Int = Field(16, ge=1, description="auto: candidates between re-checks")
 
     @model_validator(mode="after")
     def _increasing(self) -> FidelityConfig:
         f = self.fractions
         if not f or any(not 0 < x <= 1 for x in f) or list(f) != sorted(set(f)) or f[-1] != 1.0:
             raise ValueError(f"fractions must increase within (0, 1] and end at 1.0, got {f}")
+        auto_only = [  # a dumped config holds the defaults: only a changed value is refused
+            k for k in ("threshold", "warmup", "recheck_every")
+            if getattr(self, k) != type(self).model_fields[k].default
+        ]
+        if self.mode == "fixed" and auto_only:
+            raise KeyedValueError(auto_only[0], "is only used with mode: auto; add mode: auto "
+                                  "or remove it")
+        if self.mode == "auto":
+            if len(f) < 2:
+                raise KeyedValueError("fractions", f"mode: auto chooses among the fractions "
+                                      f"below 1.0, got {list(f)}; list some, e.g. "
+                                      "[0.1, 0.25, 0.5, 1.0]")
         return self
 
 
@@ -437,6 +475,11 @@ class SearchConfig(Strict):
     baselines: Bool = True
     fidelity: FidelityConfig | None = None
     held_out_top_k: Int = Field(3, ge=0)
+    trial_timeout: Float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="seconds one worker call may run; past it the worker is killed and "
+        "restarted and that trial fails (default: no limit)",
+    )
     then: ThenConfig | None = Field(
         None, description="phase 2: a dfs search over the phase-1 (ps) winner and the models"
     )

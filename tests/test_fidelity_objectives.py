@@ -88,11 +88,6 @@ def _fidelity_job(fidelity: dict) -> object:
         ),
         ({"mode": "auto", "warmup": 2}, "search.fidelity.warmup: Input should be greater than"),
         ({"mode": "auto", "threshold": 1.5}, "search.fidelity.threshold: Input should be less"),
-        # the policy is ready (evomerge.search.rank_fidelity.AutoFidelity), the loop is not yet
-        (
-            {"mode": "auto", "fractions": [0.1, 0.5, 1.0]},
-            "search.fidelity.mode: auto is not wired into the search loop yet",
-        ),
     ],
 )
 def test_fidelity_settings_are_checked_with_one_line(fidelity: dict, line: str) -> None:

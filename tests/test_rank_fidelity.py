@@ -184,3 +184,53 @@ def test_a_resumed_run_replays_its_stored_probes() -> None:
         live.observe(p)
     again = AutoFidelity.replay(stored, fractions=FRACTIONS, warmup=5)
     assert again.fraction == live.fraction == 0.25 and again.history == live.history
+
+
+def test_a_search_with_fidelity_auto_probes_then_uses_the_chosen_fraction(
+    ray_local, search_suite, tmp_path
+):
+    """A real search (Ray, journal) with ``mode: auto``: the warm-up candidates are probes
+    scored at every fraction and never pruned; after them the cheap rung is the chosen fraction
+    (threshold -1: the smallest one passes), one probe follows every ``recheck_every``
+    candidates, and the decision is stored where the summary reads it."""
+    import math
+
+    from optuna.trial import TrialState
+
+    from evomerge.config import parse_job
+    from evomerge.runs.summary import run_summary
+    from evomerge.search.driver import run_search
+    from evomerge.search.rank_fidelity import PROBE_ATTR, STUDY_ATTR
+    from tests.test_search import job_dict
+
+    fractions = [0.25, 0.5, 1.0]
+    data = job_dict(search_suite, tmp_path / "run", trials=14, held_out_top_k=1,
+                    sampler={"name": "random", "seed": 5},
+                    fidelity={"mode": "auto", "fractions": fractions, "warmup": 4,
+                              "recheck_every": 4, "threshold": -1.0})
+    job = parse_job(data)
+    study = run_search(job, progress=False)
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert len(trials) == 14
+    probes = [t for t in trials if t.user_attrs.get(PROBE_ATTR)]
+    others = [t for t in trials if not t.user_attrs.get(PROBE_ATTR)]
+    assert len(probes) >= 4 and others
+    for t in probes:  # scored at every fraction, never pruned
+        assert t.state == TrialState.COMPLETE
+        assert [r["fraction"] for r in t.user_attrs["rungs"]] == fractions
+        per = [r["metrics"]["scored/examples/entropy/" + search_suite["expert_tasks"][0]]
+               for r in t.user_attrs["rungs"]]
+        assert per == [math.ceil(f * 32) for f in fractions]  # limit 32: 8, 16, 32 examples
+    first_other = others[0].number
+    assert all(t.user_attrs.get(PROBE_ATTR) for t in trials[:4])  # the warm-up comes first
+    for t in others:  # the chosen cheap rung (0.25), then the full one if promoted
+        rungs = [r["fraction"] for r in t.user_attrs.get("rungs", [])]
+        assert rungs in ([0.25], [0.25, 1.0]), (t.number, rungs)
+        assert (t.state == TrialState.PRUNED) == (rungs == [0.25])
+    assert any(t.state == TrialState.PRUNED for t in others)
+    assert any(t.user_attrs.get(PROBE_ATTR) for t in trials if t.number > first_other)  # recheck
+    state = study.user_attrs[STUDY_ATTR]
+    assert state["fraction"] == 0.25 and len(state["history"]) == len(
+        [t for t in probes if t.number >= 0]) - 3  # one decision per probe from the 4th on
+    assert f"fidelity: auto chose 0.25 (after {len(probes)} probes" in " ".join(
+        run_summary(study, job).split())

@@ -27,9 +27,31 @@ from evomerge.search.fidelity import promote_multi, rung_step
 from evomerge.search.objectives import objective_values
 from evomerge.search.pool import WorkerPool
 from evomerge.search.progress import OnEvent, Tracker, ignore
+from evomerge.search.rank_fidelity import (
+    PROBE_ATTR,
+    STUDY_ATTR,
+    AutoFidelity,
+    Plan,
+    rung_scores,
+    stored_probes,
+)
 from evomerge.search.study import counted_trials, fail_interrupted, json_metrics, requeue
 
 STOP_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
+
+
+def _auto_fidelity(job: JobConfig, study: optuna.Study) -> AutoFidelity | None:
+    """The ``fidelity: auto`` policy, replayed over the probes a resumed run already scored."""
+    fid = job.search.fidelity
+    if fid is None or fid.mode != "auto":
+        return None
+    return AutoFidelity.replay(
+        stored_probes(study.get_trials(deepcopy=False)),
+        fractions=fid.fractions,
+        threshold=fid.threshold,
+        warmup=fid.warmup,
+        recheck_every=fid.recheck_every,
+    )
 
 
 def ask_ahead(job: JobConfig, workers: int) -> int:
@@ -49,6 +71,8 @@ class Candidate:
     rungs: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     submitted: float = 0.0  # when its last call was handed to a worker
+    fractions: tuple[float, ...] = (1.0,)  # its rungs (fidelity: auto plans them per candidate)
+    probe: bool = False  # fidelity: auto: scored at every fraction, never pruned
 
 
 class Loop:
@@ -81,6 +105,7 @@ class Loop:
         self.stopped = False  # the loop ended by ``stop``, not by the budget
         self.ahead: deque[Candidate] = deque()  # asked, waiting for a worker to free
         self.ask_ahead = ask_ahead(job, pool.size)
+        self.auto = _auto_fidelity(job, study)
 
     def run(self) -> None:
         from threadpoolctl import threadpool_limits
@@ -130,7 +155,10 @@ class Loop:
         except InvalidCandidate as err:  # no model to evaluate: a failed trial, with why
             return self._reject(trial, f"{type(err).__name__}: {err}")
         trial.set_user_attr("recipe", recipe.to_dict())
-        then(Candidate(trial, recipe))
+        plan = self.auto.plan() if self.auto else Plan(tuple(self.fractions), probe=False)
+        if plan.probe:
+            trial.set_user_attr(PROBE_ATTR, True)
+        then(Candidate(trial, recipe, fractions=plan.rungs, probe=plan.probe))
 
     def _reject(self, trial: optuna.trial.Trial, error: str) -> None:
         """Fail a point that decodes to no candidate; it does not count toward the failure
@@ -143,7 +171,7 @@ class Loop:
 
     def _submit(self, cand: Candidate) -> None:
         cand.submitted = time.time()
-        self.pool.submit(cand, "evaluate", cand.recipe.to_json(), self.fractions[cand.rung])
+        self.pool.submit(cand, "evaluate", cand.recipe.to_json(), cand.fractions[cand.rung])
 
     def _interrupt(self) -> None:
         """Fail the trials still in flight or asked ahead as interrupted and enqueue them
@@ -165,20 +193,23 @@ class Loop:
         assert result is not None
         metrics = json_metrics(result["metrics"])[0]
         cand.rungs.append(
-            {"fraction": self.fractions[cand.rung], "values": values, "metrics": metrics}
+            {"fraction": cand.fractions[cand.rung], "values": values, "metrics": metrics}
         )
-        if cand.rung + 1 < len(self.fractions):
-            if self._promote(cand, values):
+        if cand.rung + 1 < len(cand.fractions):
+            if cand.probe or self._promote(cand, values):
                 cand.rung += 1
                 return self._submit(cand)
             return self._finish(cand, TrialState.PRUNED, result=result)
         self._finish(cand, TrialState.COMPLETE, values=values, result=result)
 
     def _promote(self, cand: Candidate, values: list[float]) -> bool:
+        """Successive halving at the candidate's rung, keyed by its fraction's place among the
+        job's fractions (with fidelity: auto the cheap rung may change during the search)."""
+        level = list(self.fractions).index(cand.fractions[cand.rung])
         if len(values) == 1:
-            cand.trial.report(values[0], rung_step(cand.rung, self.rf))
+            cand.trial.report(values[0], rung_step(level, self.rf))
             return not cand.trial.should_prune()
-        seen = self.rung_history.setdefault(cand.rung, [])
+        seen = self.rung_history.setdefault(level, [])
         keep = promote_multi(values, seen, self.signs, self.rf)
         seen.append(values)
         return keep
@@ -209,11 +240,16 @@ class Loop:
                     "pid": result.get("pid"),
                 },
             )
-        if len(cand.rungs) > 1 or state == TrialState.PRUNED:
-            t.set_user_attr("rungs", cand.rungs)
+        if len(cand.rungs) > 1 or (cand.rungs and state != TrialState.COMPLETE):
+            t.set_user_attr("rungs", cand.rungs)  # a failed promotion keeps its cheap rung's cost
         if error is not None:
             t.set_user_attr("error", error)
         self.study.tell(t, values if state == TrialState.COMPLETE else None, state=state)
+        if self.auto is not None and cand.probe and state == TrialState.COMPLETE:
+            self.auto.observe(rung_scores(cand.rungs))
+            self.study.set_user_attr(
+                STUDY_ATTR, {"fraction": self.auto.fraction, "history": self.auto.history}
+            )
         self.done += 1
         self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
         worker = None if result is None else result.get("pid")

@@ -24,9 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 FULL = 1.0
-# The search loop does not call AutoFidelity yet: until it does, the config refuses
-# ``search.fidelity.mode: auto`` (set True in the change that wires it in).
-LOOP_WIRED = False
 Scores = Mapping[float, Sequence[float]]  # fraction -> objective values of one candidate
 
 
