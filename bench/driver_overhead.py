@@ -288,9 +288,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--groups", type=int, default=8, help="layer groups: experts*groups params")
     p.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--address", help="join a running Ray cluster (e.g. auto) instead of starting "
+                   "one: the actors then live on that cluster's nodes, off the driver's cores")
+    p.add_argument("--driver-cpus", type=int, nargs="+",
+                   help="pin the driver process to these CPU cores (os.sched_setaffinity)")
     p.add_argument("--profile", action="store_true", help="py-spy the driver in every run")
     p.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
     return p.parse_args(argv)
+
+
+def pin_process(cpus: set[int]) -> None:
+    """Pin every thread of this process (Ray's included) and the threads it starts later."""
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,8 +318,11 @@ def main(argv: list[str] | None = None) -> None:
                                      ["journal", "journal-mirrored", "sqlite",
                                       "sqlite-mirrored", "memory"], args.samplers)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, object_store_memory=256 * 2**20)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, object_store_memory=256 * 2**20)
     rows = []
     server = None
     if "postgres" in args.storages and not args.postgres_url:
@@ -314,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
 
         server = PostgresServer()
         args.postgres_url = server.url
+    if args.driver_cpus:
+        pin_process(set(args.driver_cpus))
     try:
         with tempfile.TemporaryDirectory(prefix="evomerge_ovh_") as tmp:
             for workers in args.workers:
