@@ -13,4 +13,4 @@ if [[ "${1:-}" == "--full" ]]; then
 fi
 ruff check evomerge search_spaces evaluators tests bench
 mypy
-python -m pytest -q "${lane[@]}" "$@"
+python -m pytest -q --durations=15 "${lane[@]}" "$@"
