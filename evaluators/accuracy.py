@@ -27,11 +27,15 @@ from typing import Any
 import torch
 
 from evomerge.evaluators.base import (
+    Subset,
     default_label,
     effective_limit,
+    per_example_record,
     read_jsonl,
     resolve_data,
     scored,
+    subset_of,
+    weighted_mean,
 )
 from evomerge.evaluators.rows import row_kind
 
@@ -59,10 +63,18 @@ class AccuracyEvaluator:
         self.stop: tuple[str, ...] = default_stop if cfg.stop is None else tuple(cfg.stop)
 
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None
+        self, model: Any, tokenizer: Any, *, limit: int | None = None,
+        subset: Subset | None = None, per_example: dict[str, Any] | None = None,
     ) -> dict[str, float]:
-        """Score the first ``limit`` rows (the smaller of ``limit`` and ``cfg.limit``)."""
-        rows = self.rows[: effective_limit(len(self.rows), limit, self.cfg.limit)]
+        """Score the first ``limit`` rows (the smaller of ``limit`` and ``cfg.limit``), or the
+        rows ``subset[label]`` names (the metric: their weighted mean); ``per_example`` gets
+        each scored row's 0/1 hit (see :mod:`evomerge.evaluators.base`)."""
+        chosen = subset_of(subset, self.label, self.num_examples, limit)
+        if chosen is None:
+            rows = self.rows[: effective_limit(len(self.rows), limit, self.cfg.limit)]
+            weights = [1.0] * len(rows)
+        else:
+            rows, weights = [self.rows[i] for i in chosen[0]], chosen[1]
         prompts = self.prompt_ids(tokenizer, rows)
         bs = self.cfg.batch_size
         with torch.inference_mode():
@@ -76,7 +88,9 @@ class AccuracyEvaluator:
             else:
                 picks, tokens = choose_counted(model, tokenizer, rows, prompts, batch_size=bs)
                 hits = [pick == _label_index(r) for pick, r in zip(picks, rows, strict=True)]
-        return {self.metric: sum(hits) / len(hits),
+        if per_example is not None:
+            per_example[self.label] = per_example_record([float(h) for h in hits])
+        return {self.metric: weighted_mean([float(h) for h in hits], weights),
                 **scored(self.label, examples=len(rows), tokens=tokens)}
 
     def prompt_ids(self, tokenizer: Any, rows: list[dict[str, Any]]) -> list[list[int]]:

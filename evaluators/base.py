@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,6 +29,54 @@ class Evaluator(Protocol):
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None
     ) -> dict[str, float]: ...
+
+
+# -- per-example scores and weighted subsets (search.fidelity.subset) ---------------------------
+# Evaluators whose metric is a mean over examples also take ``subset`` (label -> {"indices",
+# "weights"}: score only those examples of the split, the metric being the weighted mean, and
+# ``scored/examples/<label>`` their number) and ``per_example`` (a dict they fill with label ->
+# {"values": [score of each example scored], "sizes": [its weight in the mean], absent when all
+# are 1}). The per-example vectors never enter the returned metrics. See
+# :mod:`evomerge.search.anchors`.
+Subset = Mapping[str, Mapping[str, Sequence[Any]]]
+
+
+def subset_of(
+    subset: Subset | None, label: str, n: int, limit: int | None
+) -> tuple[list[int], list[float]] | None:
+    """The ``(indices, weights)`` ``subset`` gives ``label`` (None: score the first ``n``);
+    ValueError for an index outside the ``n`` examples or a limit given as well."""
+    if subset is None or label not in subset:
+        return None
+    if limit is not None:
+        raise ValueError(f"{label}: give a limit or a subset, not both")
+    idx = [int(i) for i in subset[label]["indices"]]
+    weights = [float(w) for w in subset[label]["weights"]]
+    if len(idx) != len(weights) or not idx:
+        raise ValueError(f"{label}: subset needs as many weights as indices (>= 1), got "
+                         f"{len(idx)} and {len(weights)}")
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"{label}: subset index {bad[0]} is outside the {n} examples of the "
+                         "split (was it chosen on another data file?)")
+    return idx, weights
+
+
+def weighted_mean(
+    values: Sequence[float], weights: Sequence[float], sizes: Sequence[float] | None = None
+) -> float:
+    """``sum(w s v) / sum(w s)`` (``s`` = 1 when ``sizes`` is None)."""
+    s = sizes if sizes is not None else [1.0] * len(values)
+    num = sum(w * z * v for w, z, v in zip(weights, s, values, strict=True))
+    return num / sum(w * z for w, z in zip(weights, s, strict=True))
+
+
+def per_example_record(values: Sequence[float], sizes: Sequence[float] | None = None) -> dict:
+    """The compact per-example record of one label (values rounded to 6 digits)."""
+    out: dict[str, list[float]] = {"values": [round(float(v), 6) for v in values]}
+    if sizes is not None:
+        out["sizes"] = [float(x) for x in sizes]
+    return out
 
 
 SCORED_EXAMPLES = "scored/examples/"

@@ -75,9 +75,11 @@ class CostEvaluator:
         self.cfg = cfg  # ``split`` is accepted for the protocol; cost reads no data
 
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None
+        self, model: Any, tokenizer: Any, *, limit: int | None = None,
+        subset: Any = None, per_example: Any = None,
     ) -> dict[str, float]:
-        """Cost metrics; ``limit`` does not apply (no examples are read).
+        """Cost metrics; ``limit``, ``subset`` and ``per_example`` do not apply (no examples
+        are read).
 
         The ``scored/`` counts are 0 examples and the tokens decoded to time the latency
         (``(1 + LATENCY_REPEATS) * latency_tokens`` with ``latency: true``, else 0).

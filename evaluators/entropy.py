@@ -21,7 +21,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from evomerge.evaluators.base import scored
+from evomerge.evaluators.base import (
+    Subset,
+    per_example_record,
+    scored,
+    subset_of,
+    weighted_mean,
+)
 from evomerge.evaluators.text import TextEvaluator, model_max_length
 
 Positions = Literal["prompt", "last", "answer"]
@@ -57,18 +63,41 @@ class EntropyEvaluator(TextEvaluator):
     name = "entropy"
 
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None
+        self, model: Any, tokenizer: Any, *, limit: int | None = None,
+        subset: Subset | None = None, per_example: dict[str, Any] | None = None,
     ) -> dict[str, float]:
-        """Mean entropy over the first ``limit`` prompts (the smaller of ``limit``, cfg.limit)."""
-        total, count = 0.0, 0
-        batches = self.batches(model, tokenizer, limit=limit, max_length=model_max_length(model))
+        """Mean entropy over the first ``limit`` prompts (the smaller of ``limit``, cfg.limit),
+        or over the prompts ``subset[label]`` names, weighted (a prompt's weight times its
+        tokens); ``per_example`` gets each prompt's mean entropy and token count."""
+        chosen = subset_of(subset, self.label, self.num_examples, limit)
+        texts = None if chosen is None else [self.texts[i] for i in chosen[0]]
+        batches = self.batches(model, tokenizer, limit=limit, max_length=model_max_length(model),
+                               texts=texts)
+        sums: list[float] = []
+        counts: list[float] = []
         with torch.inference_mode():
             for ids, mask in batches:
-                s, n = prediction_entropy(model, ids, mask)
-                total += float(s)
-                count += n
-        examples = self.count(limit)
-        return {self.metric: total / count, **scored(self.label, examples=examples, tokens=count)}
+                s, n = prediction_entropy_rows(model, ids, mask)
+                sums += s
+                counts += n
+        weights = [1.0] * len(sums) if chosen is None else chosen[1]
+        means = [s / n for s, n in zip(sums, counts, strict=True)]
+        if per_example is not None:
+            per_example[self.label] = per_example_record(means, counts)
+        return {self.metric: weighted_mean(means, weights, counts),
+                **scored(self.label, examples=len(sums), tokens=int(sum(counts)))}
+
+
+def prediction_entropy_rows(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[list[float], list[float]]:
+    """:func:`prediction_entropy` per row: summed entropy and count of each row."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    h = entropy(logits)
+    if h.dim() == 1:
+        return h.tolist(), [1.0] * h.numel()
+    mask = attention_mask.to(h.dtype)
+    return (h * mask).sum(-1).tolist(), mask.sum(-1).tolist()
 
 
 # -- entropy at chosen positions, under substituted parameters (AdaMerging's loss) -------------

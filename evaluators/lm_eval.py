@@ -40,7 +40,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evomerge.evaluators.base import effective_limit, scored
+from evomerge.evaluators.base import (
+    Subset,
+    effective_limit,
+    per_example_record,
+    scored,
+    subset_of,
+    weighted_mean,
+)
 
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default, so few-shot prompts match the CLI
 
@@ -191,20 +198,70 @@ class LmEvalEvaluator:
         return lm
 
     def evaluate(
-        self, model: Any, tokenizer: Any, *, limit: int | None = None
+        self, model: Any, tokenizer: Any, *, limit: int | None = None,
+        subset: Subset | None = None, per_example: dict[str, Any] | None = None,
     ) -> dict[str, float]:
-        """Run the tasks on the model's current weights (first ``limit`` docs of each task)."""
+        """Run the tasks on the model's current weights (first ``limit`` docs of each task), or
+        on the docs ``subset["lm_eval/<task>"]`` names (lm-eval's ``samples``; each metric the
+        weighted mean of its per-doc values); ``per_example`` gets each task's per-doc values
+        of its first metric (lm-eval's logged samples)."""
         from lm_eval.evaluator import evaluate
 
+        chosen = {
+            task: c for task in self.task_dict["tasks"]
+            if (c := subset_of(subset, f"lm_eval/{task}", self._docs(task), limit)) is not None
+        }
         lm = self._wrap(model, tokenizer)
         lm.tokens.clear()
         results = evaluate(
             lm=lm,
             task_dict=self.task_dict,
-            limit=effective_limit(self.num_examples, limit, self.cfg.limit),
+            limit=None if chosen else effective_limit(self.num_examples, limit, self.cfg.limit),
+            samples={t: sorted(c[0]) for t, c in chosen.items()} or None,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=bool(chosen) or per_example is not None,
         )
         if results is None:
             raise RuntimeError("lm_eval returned no results (not rank 0 of a distributed run)")
-        return {**numeric_metrics(results), **scored_counts(results, lm.tokens)}
+        out = {**numeric_metrics(results), **scored_counts(results, lm.tokens)}
+        for task, logged in (results.get("samples") or {}).items():
+            by_doc = dict(zip(*chosen[task], strict=True)) if task in chosen else None
+            out.update(self._from_samples(task, logged, by_doc, per_example))
+        return out
+
+    def _docs(self, task: str) -> int:
+        return effective_limit(len(self.task_dict["tasks"][task].eval_docs), self.cfg.limit)
+
+    def _from_samples(
+        self, task: str, logged: list[dict[str, Any]], weights: dict[int, float] | None,
+        per_example: dict[str, Any] | None,
+    ) -> dict[str, float]:
+        """The task's metrics as weighted means over its logged samples (``weights``: doc id
+        -> weight, None for no subset: nothing to recompute), and its per-doc values."""
+        from lm_eval.api.metrics import mean
+
+        aggregation = self.task_dict["tasks"][task].aggregation()
+        out: dict[str, float] = {}
+        first = logged[0]
+        if per_example is not None:
+            rows = sorted((r for r in logged if r["filter"] == first["filter"]),
+                          key=lambda r: r["doc_id"])
+            per_example[f"lm_eval/{task}"] = per_example_record(
+                [float(r[first["metrics"][0]]) for r in rows])
+        if weights is None:
+            return out
+        for r in logged:
+            for metric in r["metrics"]:
+                if aggregation.get(metric) is not mean:
+                    raise ValueError(
+                        f"lm_eval/{task}: metric {metric!r} is not a mean over documents, so "
+                        "it cannot be scored on a weighted subset; remove search.fidelity."
+                        "subset or the task"
+                    )
+        for filt in {r["filter"] for r in logged}:
+            rows = [r for r in logged if r["filter"] == filt]
+            for metric in rows[0]["metrics"]:
+                suffix = "" if filt in ("", "none") else f"/{filt}"
+                out[f"lm_eval/{task}/{metric}{suffix}"] = weighted_mean(
+                    [float(r[metric]) for r in rows], [weights[r["doc_id"]] for r in rows])
+        return out

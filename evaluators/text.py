@@ -75,11 +75,13 @@ class TextEvaluator:
         return effective_limit(len(self.texts), limit, self.cfg.limit)
 
     def batches(
-        self, model: Any, tokenizer: Any, *, limit: int | None, max_length: int | None
+        self, model: Any, tokenizer: Any, *, limit: int | None, max_length: int | None,
+        texts: list[str] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Right-padded ``(ids, mask)`` on the model's device, ``cfg.batch_size`` texts each,
-        over the first ``limit`` texts (the smaller of ``limit`` and ``cfg.limit``)."""
-        texts = self.texts[: self.count(limit)]
+        over the first ``limit`` texts (the smaller of ``limit`` and ``cfg.limit``), or over
+        ``texts`` when given."""
+        texts = self.texts[: self.count(limit)] if texts is None else texts
         bs = self.cfg.batch_size
         for lo in range(0, len(texts), bs):
             ids, mask = encode_right_padded(tokenizer, texts[lo : lo + bs], max_length=max_length)

@@ -173,6 +173,7 @@ def run_summary(study: optuna.Study, job: JobConfig, *, run: str | None = None,
     lines += cost_lines(run_cost(study, job), s["trials"])
     lines += fidelity_lines(study_taus(study.get_trials(deepcopy=False)))
     lines += auto_fidelity_lines(study.user_attrs.get(STUDY_ATTR))
+    lines += subset_lines(study.user_attrs.get("fidelity:subset"))
     for i, o in enumerate(job.objectives, 1):
         lines.append(f"objective {i}: {objective_label(o)} ({o.direction})")
     lines.append("held-out: the objective(s) on each evaluator's held-out split")
@@ -229,6 +230,14 @@ def auto_fidelity_lines(state: Any) -> list[str]:
     return textwrap.wrap(f"fidelity: auto chose {history[-1]['fraction']:g} (after "
                          f"{history[-1]['probes']} probes; decisions over the search: {path})",
                          100, subsequent_indent="  ")
+
+
+def subset_lines(state: Any) -> list[str]:
+    """``fitness subset: anchors, 16 of 600 examples per label ...`` (search.fidelity.subset)."""
+    from evomerge.search.anchors import subset_line
+
+    line = subset_line(state)
+    return [] if line is None else textwrap.wrap(line, 100, subsequent_indent="  ")
 
 
 def _workers(info: Any) -> list[str]:

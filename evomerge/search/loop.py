@@ -23,6 +23,13 @@ from optuna.trial import TrialState
 
 from evomerge.config import JobConfig
 from evomerge.recipe import Recipe
+from evomerge.search.anchors import (
+    ON_SUBSET_ATTR,
+    PER_EXAMPLE_ATTR,
+    SUBSET_ATTR,
+    WARMUP_ATTR,
+    SubsetPolicy,
+)
 from evomerge.search.fidelity import promote_multi, rung_step
 from evomerge.search.objectives import objective_values
 from evomerge.search.pool import WorkerPool
@@ -54,11 +61,22 @@ def _auto_fidelity(job: JobConfig, study: optuna.Study) -> AutoFidelity | None:
     )
 
 
+def _subset_policy(job: JobConfig, study: optuna.Study) -> SubsetPolicy | None:
+    """The ``search.fidelity.subset`` policy: the stored subset, or the stored warm-up."""
+    fid = job.search.fidelity
+    if fid is None or fid.subset is None:
+        return None
+    return SubsetPolicy.from_study(
+        fid.subset, lambda metrics: objective_values(job.objectives, metrics),
+        study.get_trials(deepcopy=False), study.user_attrs.get(SUBSET_ATTR),
+    )
+
+
 def ask_ahead(job: JobConfig, workers: int) -> int:
     """How many trials to ask before a worker frees: one per 8 workers, at most 16; none under
-    8 workers (the asks fit between results) or for TPE, whose every ask should see every
+    8 workers (the asks fit between results) or for TPE and GP, whose every ask should see every
     result so far (CMA-ES and NSGA-II sample a whole generation from one state anyway)."""
-    if workers < 8 or job.search.sampler.name == "tpe":
+    if workers < 8 or job.search.sampler.name in ("tpe", "gp"):
         return 0
     return min(16, workers // 8)
 
@@ -73,6 +91,8 @@ class Candidate:
     submitted: float = 0.0  # when its last call was handed to a worker
     fractions: tuple[float, ...] = (1.0,)  # its rungs (fidelity: auto plans them per candidate)
     probe: bool = False  # fidelity: auto: scored at every fraction, never pruned
+    per_example: bool = False  # fidelity subset warm-up: scored in full, per-example scores
+    subset: dict[str, Any] | None = None  # fidelity subset: label -> {indices, weights}
 
 
 class Loop:
@@ -106,6 +126,7 @@ class Loop:
         self.ahead: deque[Candidate] = deque()  # asked, waiting for a worker to free
         self.ask_ahead = ask_ahead(job, pool.size)
         self.auto = _auto_fidelity(job, study)
+        self.subsets = _subset_policy(job, study)
 
     def run(self) -> None:
         from threadpoolctl import threadpool_limits
@@ -158,7 +179,13 @@ class Loop:
         plan = self.auto.plan() if self.auto else Plan(tuple(self.fractions), probe=False)
         if plan.probe:
             trial.set_user_attr(PROBE_ATTR, True)
-        then(Candidate(trial, recipe, fractions=plan.rungs, probe=plan.probe))
+        cand = Candidate(trial, recipe, fractions=plan.rungs, probe=plan.probe)
+        if self.subsets is not None:  # the warm-up in full, then the chosen subset
+            cand.subset = self.subsets.subset
+            cand.per_example = cand.subset is None
+            trial.set_user_attr(*((WARMUP_ATTR, True) if cand.per_example else
+                                  (ON_SUBSET_ATTR, self.subsets.state["method"])))  # type: ignore[index]
+        then(cand)
 
     def _reject(self, trial: optuna.trial.Trial, error: str) -> None:
         """Fail a point that decodes to no candidate; it does not count toward the failure
@@ -171,7 +198,9 @@ class Loop:
 
     def _submit(self, cand: Candidate) -> None:
         cand.submitted = time.time()
-        self.pool.submit(cand, "evaluate", cand.recipe.to_json(), cand.fractions[cand.rung])
+        extra = (cand.subset, True) if cand.per_example else (cand.subset,) if cand.subset else ()
+        self.pool.submit(cand, "evaluate", cand.recipe.to_json(), cand.fractions[cand.rung],
+                         *extra)
 
     def _interrupt(self) -> None:
         """Fail the trials still in flight or asked ahead as interrupted and enqueue them
@@ -229,6 +258,8 @@ class Loop:
             t.set_user_attr("metrics", metrics)
             if nonfinite:
                 t.set_user_attr("nonfinite_metrics", nonfinite)
+            if result.get("per_example"):
+                t.set_user_attr(PER_EXAMPLE_ATTR, result["per_example"])
             t.set_user_attr(
                 "timing",
                 {
@@ -250,6 +281,11 @@ class Loop:
             self.study.set_user_attr(
                 STUDY_ATTR, {"fraction": self.auto.fraction, "history": self.auto.history}
             )
+        if self.subsets is not None and cand.per_example and state == TrialState.COMPLETE:
+            assert result is not None
+            if self.subsets.observe(t.number, result.get("per_example") or {},
+                                    json_metrics(result["metrics"])[0]):
+                self.study.set_user_attr(SUBSET_ATTR, self.subsets.state)
         self.done += 1
         self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
         worker = None if result is None else result.get("pid")

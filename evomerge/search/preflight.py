@@ -40,6 +40,9 @@ def preflight(
         check_objectives(job.objectives, job.evaluators)
     except ValueError as err:
         raise ConfigError(f"{err}; fix the metric name or add the evaluator") from None
+    from evomerge.search.anchors import check_subset_job  # search.fidelity.subset's evaluators
+
+    check_subset_job(job)
     local = not (address or job.resources.address or os.environ.get("RAY_ADDRESS"))
     notes: list[str] = []
     strict = search and local

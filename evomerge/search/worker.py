@@ -64,8 +64,13 @@ class MergeWorker:
                 "peak_rss_mb": peak_rss_mb(), **held_mb(engine)}
         return {**info, "node": _node_id(), "host": socket.gethostname()}
 
-    def evaluate(self, recipe_json: str, fraction: float = 1.0) -> dict[str, Any]:
-        return self._run(recipe_json, self.evaluators, fraction)
+    def evaluate(
+        self, recipe_json: str, fraction: float = 1.0, subset: dict[str, Any] | None = None,
+        per_example: bool = False,
+    ) -> dict[str, Any]:
+        """The fitness metrics; ``subset`` (label -> indices, weights) scores those examples
+        only; ``per_example`` adds ``result["per_example"]`` (label -> per-example record)."""
+        return self._run(recipe_json, self.evaluators, fraction, subset, per_example)
 
     def evaluate_held_out(self, recipe_json: str) -> dict[str, Any]:
         if self._held_out is None:
@@ -81,18 +86,26 @@ class MergeWorker:
             if has_held_out(cfg)
         ]
 
-    def _run(self, recipe_json: str, evaluators: list[Any], fraction: float) -> dict[str, Any]:
+    def _run(
+        self, recipe_json: str, evaluators: list[Any], fraction: float,
+        subset: dict[str, Any] | None = None, per_example: bool = False,
+    ) -> dict[str, Any]:
         recipe = Recipe.from_json(recipe_json)
         started = time.time()  # wall clock: the driver measures the queue time with it
         t0 = time.perf_counter()
         model, tokenizer = self.engine(recipe.kind).apply(recipe)
         t1 = time.perf_counter()
         metrics: dict[str, float] = {}
+        vectors: dict[str, Any] | None = {} if per_example else None
+        extra: dict[str, Any] = {"per_example": vectors} if per_example else {}
+        if subset:
+            extra["subset"] = subset
         for ev in evaluators:
-            metrics.update(ev.evaluate(model, tokenizer, limit=_limit(ev, fraction)))
+            metrics.update(ev.evaluate(model, tokenizer, limit=_limit(ev, fraction), **extra))
         t2 = time.perf_counter()
-        return {"metrics": metrics, "merge_s": t1 - t0, "eval_s": t2 - t1, "pid": os.getpid(),
-                "started": started}
+        out = {"metrics": metrics, "merge_s": t1 - t0, "eval_s": t2 - t1, "pid": os.getpid(),
+               "started": started}
+        return out if vectors is None else {**out, "per_example": vectors}
 
 
 def peak_rss_mb() -> float:
