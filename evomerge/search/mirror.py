@@ -18,6 +18,11 @@ driver left.
 A storage that stops answering (a PostgreSQL restart) is retried with backoff, one log line
 per outage; the search goes on in memory and nothing is lost. Any other write error (a full
 disk) is raised in the driver at its next write, and by :meth:`MirroredStorage.close`.
+
+Each batch first checks the driver lease of a target that holds one (PostgreSQL, Redis:
+:meth:`~evomerge.search.lease.StudyLease.check`): a lease that is lost with its connection is
+taken again before anything is written, and one that another driver took meanwhile raises its
+:class:`~evomerge.search.lease.LeaseLostError` the same way (this driver writes nothing more).
 """
 
 from __future__ import annotations
@@ -274,9 +279,12 @@ class MirroredStorage(InMemoryStorage):
     def _write(self, batch: _Batch) -> None:
         """Write ``batch`` to the target, retrying through an outage; each part is marked done
         as it lands, so a retry does not write a created trial twice."""
+        if not (batch.study_attrs or batch.updates or batch.creates):
+            return  # nothing to write: no lease check either
         start = None
         while True:
             try:
+                self._check_lease()  # a write without the lease could interleave another's
                 with self._batched():
                     created = self._write_once(batch)
                 self._fill_ids(created)
@@ -289,6 +297,11 @@ class MirroredStorage(InMemoryStorage):
                 return
             except _retryable() as err:
                 start = self._outage(start, err)
+
+    def _check_lease(self) -> None:
+        lease = getattr(self.target, "lease", None)  # see evomerge.search.storage.LEASED
+        if lease is not None:
+            lease.check()
 
     def _outage(self, start: float | None, err: BaseException) -> float:
         now = time.monotonic()

@@ -32,7 +32,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage
 
 from evomerge.search.journal import DriverJournalFile, JournalFileReader
-from evomerge.search.lease import StudyLease, supports_lease
+from evomerge.search.lease import StudyLease, guard_connections, supports_lease
 from evomerge.search.mirror import MirroredStorage
 
 JOURNAL_NAME = "study.journal"
@@ -98,6 +98,8 @@ def lock_study(storage: BaseStorage, study: str) -> None:
     :class:`~evomerge.search.journal.JournalLockedError`. Released by :func:`close_storage`."""
     if isinstance(storage, LEASED) and storage.lease is None and supports_lease(storage.url):
         storage.lease = StudyLease.acquire(storage.url, study)
+        if isinstance(storage, DriverRDBStorage):  # no write on a new connection without it
+            guard_connections(storage.engine, storage.lease)
 
 
 def close_storage(storage: BaseStorage) -> None:
