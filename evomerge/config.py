@@ -86,6 +86,11 @@ class LoadConfig(Strict):
         None, ge=0, description="cap on each merge cache (TIES tables, DARE levels); "
         "None: half the free device memory"
     )
+    tie_order: Literal["mergekit", "index"] = Field(
+        "mergekit", description="which tied entries TIES/breadcrumbs keep where a trim bound "
+        "cuts a group of equal magnitudes: mergekit (its argsort's choice, entry for entry; "
+        "sorts those task vectors) or index (the lowest flat indices; selection only, no sort)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -388,18 +393,44 @@ def default_dfs_models(
 SearchSpaceConfig = Annotated[ParameterSpaceConfig | DFSSpaceConfig, Field(discriminator="name")]
 
 
+class CoarseConfig(Strict):
+    """``search.sampler.coarse`` of cmaes: the first ``trials`` sampler trials search one value
+    per model and parameter (every layer group / knot / kind of it shares it), then CMA-ES
+    over the whole space starts at the best of them (:mod:`evomerge.search.coarse`)."""
+
+    trials: Int = Field(ge=2, description="sampler trials of the coarse (per-model) phase")
+    sigma0: Float = Field(0.25, gt=0, description="coarse step size, in [0, 1] units")
+    popsize: Int | None = Field(None, ge=2, description="default: cmaes' for the coarse size")
+
+
 class CmaesConfig(Strict):
     name: Literal["cmaes"]
     sigma0: Float | None = Field(None, gt=0)
     popsize: Int | None = Field(None, ge=2)
     separable: Bool = False
     seed: Int = 0
-    start: Literal["center", "uniform"] = Field(
-        "center", description="first mean: the bounds' middle or the uniform-merge baseline"
+    start: Literal["center", "uniform", "adamerging"] = Field(
+        "center", description="first mean: the bounds' middle, the uniform-merge baseline, or "
+        "the coefficients AdaMerging learns before the search (the job's adamerging settings)"
     )
     restarts: Int = Field(0, ge=0)
     inc_popsize: Int = Field(2, ge=1)
     restart_patience: Int = Field(10, ge=1)
+    coarse: CoarseConfig | None = Field(
+        None, description="coarse to fine: per-model trials first, then per layer; sigma0 is "
+        "then the fine phase's (default: half of coarse.sigma0)"
+    )
+
+    @model_validator(mode="after")
+    def _coarse_sigma(self) -> CmaesConfig:
+        coarse = self.coarse
+        if coarse is not None and self.sigma0 is not None and self.sigma0 > coarse.sigma0:
+            raise KeyedValueError(
+                "sigma0", f"{self.sigma0} is larger than coarse.sigma0 ({self.coarse.sigma0}); "
+                "the fine phase refines the coarse winner with a smaller step: lower sigma0 or "
+                "raise coarse.sigma0"
+            )
+        return self
 
 
 class Nsga2Config(Strict):
@@ -425,10 +456,31 @@ class GridConfig(Strict):
     seed: Int = 0
 
 
+class GpConfig(Strict):
+    """Optuna's Gaussian-process sampler (``optuna.samplers.GPSampler``; logEI, qLogEI over
+    running trials): few evaluations, but each ask costs more as trials grow."""
+
+    name: Literal["gp"]
+    n_startup_trials: Int = Field(10, ge=0, description="random trials before the GP")
+    seed: Int = 0
+    deterministic_objective: Bool = Field(False, description="fit no observation noise")
+
+
 SamplerConfig = Annotated[
-    CmaesConfig | Nsga2Config | TpeConfig | RandomConfig | GridConfig,
+    CmaesConfig | Nsga2Config | TpeConfig | RandomConfig | GridConfig | GpConfig,
     Field(discriminator="name"),
 ]
+
+
+class SubsetConfig(Strict):
+    """``search.fidelity.subset``: after ``warmup`` candidates scored on the whole fitness split,
+    score every later one on ``size`` examples per label, chosen from the warm-up candidates'
+    per-example scores (``anchors``) or at random (:mod:`evomerge.search.anchors`)."""
+
+    method: Literal["anchors", "random"] = "anchors"
+    size: Int = Field(ge=1, description="examples per label (per task) in the subset")
+    warmup: Int = Field(8, ge=3, description="candidates scored in full to choose it from")
+    seed: Int = 0
 
 
 class FidelityConfig(Strict):
@@ -447,6 +499,14 @@ class FidelityConfig(Strict):
     threshold: Float = Field(0.8, ge=-1, le=1, description="auto: the tau a fraction needs")
     warmup: Int = Field(8, ge=3, description="auto: candidates scored at every fraction first")
     recheck_every: Int = Field(16, ge=1, description="auto: candidates between re-checks")
+    subset: SubsetConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _subset_scores_in_full(cls, data: Any) -> Any:  # no cheap rung unless one is given
+        if isinstance(data, dict) and data.get("subset") is not None and "fractions" not in data:
+            return {**data, "fractions": [1.0]}
+        return data
 
     @model_validator(mode="after")
     def _increasing(self) -> FidelityConfig:
@@ -460,6 +520,11 @@ class FidelityConfig(Strict):
         if self.mode == "fixed" and auto_only:
             raise KeyedValueError(auto_only[0], "is only used with mode: auto; add mode: auto "
                                   "or remove it")
+        if self.subset is not None and (self.mode == "auto" or len(f) > 1):
+            raise KeyedValueError("subset", f"replaces the cheap rungs (every candidate after "
+                                  f"the warm-up is scored on the subset only), but mode is "
+                                  f"{self.mode} with fractions {list(f)}; remove fractions "
+                                  "and mode, or remove subset")
         if self.mode == "auto":
             if len(f) < 2:
                 raise KeyedValueError("fractions", f"mode: auto chooses among the fractions "

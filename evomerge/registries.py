@@ -23,5 +23,5 @@ EVALUATORS.register("perplexity", "evomerge.evaluators.perplexity:PerplexityEval
 EVALUATORS.register("cost", "evomerge.evaluators.cost:CostEvaluator")
 
 SAMPLERS = Registry("sampler")
-for _name in ("cmaes", "nsga2", "tpe", "random", "grid"):
+for _name in ("cmaes", "nsga2", "tpe", "random", "grid", "gp"):
     SAMPLERS.register(_name, f"evomerge.search.samplers:make_{_name}")

@@ -145,4 +145,5 @@ _UNION_TAGS = {
     "tpe",
     "random",
     "grid",
+    "gp",
 }

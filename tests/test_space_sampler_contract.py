@@ -32,6 +32,7 @@ SAMPLER_SETTINGS = {
     "tpe": {"n_startup_trials": GENERATION},
     "random": {},
     "grid": {"points": 2},
+    "gp": {"n_startup_trials": GENERATION},
 }
 
 

@@ -287,6 +287,21 @@ def job_data(job: Any) -> tuple[list[str], list[dict[str, Any]]]:
     return unlabeled, labeled
 
 
+def adamerge_job(job: Any, *, progress: bool = True, labeled: bool = True) -> AdaMergingResult:
+    """AdaMerging as ``job.adamerging`` says (its defaults where the job has none) on the job's
+    fitness data; ``labeled=False`` skips the labeled metric's log (faster)."""
+    if job.models.base is None:
+        raise ValueError("adamerging merges task vectors: set models.base")
+    cfg = job.adamerging or AdaMergingConfig.model_validate({})
+    torch.set_num_threads(job.resources.torch_threads)
+    unlabeled, rows = job_data(job)
+    experts = {name: m.path for name, m in job.models.experts.items()}
+    return adamerge(
+        job.models.base.path, experts, cfg=cfg, unlabeled=unlabeled,
+        labeled=rows[:256] if labeled else None, device=job.load.device, progress=progress,
+    )
+
+
 def run_adamerging(job: Any, *, progress: bool = True) -> AdaMergingResult:
     """Run AdaMerging as ``job.adamerging`` says, score the result with the job's evaluators
     (fitness and held-out splits) and write ``<run_dir>/adamerging/{recipe.yaml, result.json}``.
@@ -297,16 +312,8 @@ def run_adamerging(job: Any, *, progress: bool = True) -> AdaMergingResult:
     from evomerge.evaluators.base import build_evaluator
     from evomerge.search.worker import has_held_out
 
-    if job.models.base is None:
-        raise ValueError("adamerging merges task vectors: set models.base")
     cfg = job.adamerging or AdaMergingConfig.model_validate({})
-    torch.set_num_threads(job.resources.torch_threads)
-    unlabeled, labeled = job_data(job)
-    experts = {name: m.path for name, m in job.models.experts.items()}
-    result = adamerge(
-        job.models.base.path, experts, cfg=cfg, unlabeled=unlabeled, labeled=labeled[:256],
-        device=job.load.device, progress=progress,
-    )
+    result = adamerge_job(job, progress=progress)
     metrics: dict[str, dict[str, float]] = {"fitness": {}, "held_out": {}}
     for ev_cfg in job.evaluators:
         held_out = "test" if ev_cfg.name == "lm_eval" else (

@@ -84,6 +84,7 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         inc_popsize: int = 2,
         patience: int = 10,
         x0: dict[str, float] | None = None,
+        key: str = "evomerge:cma",
     ) -> None:
         if not space:
             raise ValueError("IpopCmaSampler needs a non-empty search space")
@@ -96,6 +97,9 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         self._inc = inc_popsize
         self._patience = patience
         self._x0 = x0
+        # where the generation and the state live in trial system attributes: two samplers of
+        # one study (coarse to fine) keep theirs apart
+        self._gen_key, self._state_key = f"{key}:gen", f"{key}:json"
         self._state: RunState | None = None
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
 
@@ -115,7 +119,7 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         key = [state.run, opt.generation]
         done = [
             t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.system_attrs.get(GEN_KEY) == key
+            if t.system_attrs.get(self._gen_key) == key
         ]
         if len(done) >= opt.population_size:
             state = self._tell(state, done[: opt.population_size], study.direction)
@@ -123,7 +127,7 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         self._state = state
         opt = state.optimizer
         storage = study._storage  # samplers record their bookkeeping as system attributes
-        storage.set_trial_system_attr(trial._trial_id, GEN_KEY, [state.run, opt.generation])
+        storage.set_trial_system_attr(trial._trial_id, self._gen_key, [state.run, opt.generation])
         opt.reseed_rng((self._seed * 100_003 + trial.number) % 2**31)  # resumes never repeat asks
         x = opt.ask()
         return {n: from_unit(u, d) for (n, d), u in zip(self._space.items(), x, strict=True)}
@@ -168,8 +172,8 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         sign = 1.0 if direction == StudyDirection.MINIMIZE else -1.0
         solutions = []
         for t in trials:
-            x = np.array([to_unit(t.params[n], d) for n, d in self._space.items()])
-            solutions.append((np.clip(x, 0.0, 1.0), sign * float(t.value)))  # type: ignore[arg-type]
+            value = sign * float(t.value)  # type: ignore[arg-type]
+            solutions.append((np.clip(self.point(t), 0.0, 1.0), value))
         state.optimizer.tell(solutions)
         gen_best = min(v for _, v in solutions)
         if gen_best < state.best - 1e-12:
@@ -184,22 +188,27 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         new.history = [*state.history, (new.run, popsize)]
         return new
 
+    def point(self, trial: FrozenTrial) -> np.ndarray:
+        """``trial``'s parameters in the unit cube, in this sampler's order."""
+        return np.array([to_unit(trial.params[n], d) for n, d in self._space.items()])
+
     # -- persistence ---------------------------------------------------------------------------
     def _save(self, study: optuna.Study, trial: FrozenTrial, state: RunState) -> None:
-        save_state(study, trial, state)
+        save_state(study, trial, state, key=self._state_key)
 
     def _restore(self, study: optuna.Study) -> RunState | None:
         """The latest saved run state in ``study`` (a resumed driver continues it)."""
+        key = self._state_key
         for t in reversed(study.get_trials(deepcopy=False)):
-            if STATE_KEY in t.system_attrs:
-                return self._load(json.loads(joined(t.system_attrs, STATE_KEY)), t.number)
-            if PICKLED_KEY in t.system_attrs:
+            if key in t.system_attrs:
+                return self._load(json.loads(joined(t.system_attrs, key)), t.number)
+            if key == STATE_KEY and PICKLED_KEY in t.system_attrs:
                 return unpickle_state(joined(t.system_attrs, PICKLED_KEY), study, t.number)
         return None
 
     def _load(self, record: dict[str, Any], number: int) -> RunState:
         saved = record.get("optimizer", {})
-        where = f"CMA-ES state {STATE_KEY!r} of trial {number}"
+        where = f"CMA-ES state {self._state_key!r} of trial {number}"
         if record.get("format") != FORMAT or saved.get("kind") not in KINDS:
             raise ValueError(f"{where} is not CMA/SepCMA in format {FORMAT}; start a new study")
         if len(saved.get("mean", [])) != len(self._space):

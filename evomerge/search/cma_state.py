@@ -94,9 +94,11 @@ class RunState:
     stall: int = 0  # generations since ``best`` improved
     history: list[tuple[int, int]] = field(default_factory=list)  # (run, popsize) so far
 
-def save_state(study: optuna.Study, trial: FrozenTrial, state: RunState) -> None:
-    """Store ``state`` on ``trial`` as a JSON record in chunks; the chunk count goes last, so a
-    half-written record is never read."""
+def save_state(
+    study: optuna.Study, trial: FrozenTrial, state: RunState, *, key: str = STATE_KEY
+) -> None:
+    """Store ``state`` on ``trial`` as a JSON record in chunks under ``key``; the chunk count
+    goes last, so a half-written record is never read."""
     record = {
         "format": FORMAT, "run": state.run, "best": _plain(state.best), "stall": state.stall,
         "history": [list(h) for h in state.history],
@@ -106,8 +108,8 @@ def save_state(study: optuna.Study, trial: FrozenTrial, state: RunState) -> None
     chunks = [text[i : i + _CHUNK] for i in range(0, len(text), _CHUNK)]
     storage = study._storage
     for i, chunk in enumerate(chunks):
-        storage.set_trial_system_attr(trial._trial_id, f"{STATE_KEY}:{i}", chunk)
-    storage.set_trial_system_attr(trial._trial_id, STATE_KEY, len(chunks))
+        storage.set_trial_system_attr(trial._trial_id, f"{key}:{i}", chunk)
+    storage.set_trial_system_attr(trial._trial_id, key, len(chunks))
 
 
 def joined(attrs: dict[str, Any], key: str) -> str:

@@ -143,6 +143,12 @@ class Search:
         baselines = self.space.baselines()
         dists = self.space.distributions()
         start = self.space.start() if hasattr(self.space, "start") else baselines.get("uniform")
+        adamerging = getattr(job.search.sampler, "start", None) == "adamerging"
+        if adamerging:
+            from evomerge.search.start import check_start
+
+            check_start(job)  # before the models load; the point comes once the study is open
+            start = None
         sampler = make_sampler(job.search.sampler, dists, start)
         if job.toy_suite is not None:
             from evomerge.toy.build import build_suite
@@ -158,6 +164,12 @@ class Search:
         try:
             if self.resume:
                 requeue(study, fail_interrupted(study), dists)
+            if adamerging:  # stored in the study: a resumed run does not learn it again
+                from evomerge.search.start import adamerging_start
+
+                point = adamerging_start(job, study, self.space)
+                study.sampler = make_sampler(job.search.sampler, dists, point)
+                enqueue_baselines(study, {"adamerging": point})
             if job.search.baselines:
                 enqueue_baselines(study, baselines)
         except BaseException:

@@ -10,7 +10,14 @@ import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution
 
-from evomerge.config import CmaesConfig, GridConfig, Nsga2Config, RandomConfig, TpeConfig
+from evomerge.config import (
+    CmaesConfig,
+    GpConfig,
+    GridConfig,
+    Nsga2Config,
+    RandomConfig,
+    TpeConfig,
+)
 
 
 def make_cmaes(
@@ -18,13 +25,23 @@ def make_cmaes(
     space: dict[str, FloatDistribution],
     start: dict[str, float] | None = None,
 ) -> optuna.samplers.BaseSampler:
-    """CMA-ES; its first mean is the middle of the bounds, or with ``cfg.start == "uniform"``
-    the point ``start`` (the driver passes the uniform-merge baseline)."""
-    x0 = dict(start) if start is not None and cfg.start == "uniform" else None
+    """CMA-ES; its first mean is the middle of the bounds, or with ``cfg.start`` ``uniform`` or
+    ``adamerging`` the point ``start`` (the driver passes the uniform-merge baseline, or the
+    AdaMerging point once it is known). ``cfg.coarse``: coarse to fine
+    (:mod:`evomerge.search.coarse`)."""
+    x0 = dict(start) if start is not None and cfg.start != "center" else None
     if x0 is not None and set(x0) != set(space):
         raise ValueError(
             f"cmaes start has parameters {sorted(x0)}, the space has {sorted(space)}"
         )
+    if cfg.coarse is not None:
+        from evomerge.search.coarse import CoarseToFineSampler
+
+        fine = {"sigma0": cfg.sigma0 or cfg.coarse.sigma0 / 2, "popsize": cfg.popsize,
+                "separable": cfg.separable, "restarts": cfg.restarts,
+                "inc_popsize": cfg.inc_popsize, "patience": cfg.restart_patience}
+        return CoarseToFineSampler(space, trials=cfg.coarse.trials, sigma0=cfg.coarse.sigma0,
+                                   popsize=cfg.coarse.popsize, seed=cfg.seed, x0=x0, fine=fine)
     if cfg.restarts:
         from evomerge.search.cma_restarts import IpopCmaSampler
 
@@ -77,6 +94,24 @@ def make_tpe(cfg: TpeConfig, space: dict[str, FloatDistribution]) -> optuna.samp
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
             n_startup_trials=cfg.n_startup_trials, seed=cfg.seed, multivariate=True
+        )
+
+
+def make_gp(cfg: GpConfig, space: dict[str, FloatDistribution]) -> optuna.samplers.BaseSampler:
+    """Optuna's GP sampler (needs scipy and torch). Its asks cost more as trials grow (see the
+    README's sampler reference); running trials enter its batch acquisition (qLogEI)."""
+    try:
+        import scipy  # noqa: F401  (GPSampler imports it inside its first ask)
+    except ImportError:
+        raise ValueError("search.sampler.name: gp needs scipy, which is not installed; "
+                         "pip install scipy, or use another sampler") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.GPSampler(
+            n_startup_trials=cfg.n_startup_trials, seed=cfg.seed,
+            deterministic_objective=cfg.deterministic_objective,
+            independent_sampler=optuna.samplers.RandomSampler(seed=cfg.seed),
+            warn_independent_sampling=False,
         )
 
 
