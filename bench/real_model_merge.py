@@ -12,14 +12,21 @@ Each case runs in a fresh subprocess, so its peak RSS is its own: the real worke
 :class:`~evomerge.merge.workspace.Workspace` built from a ``LoadConfig``, as
 ``MergeWorker`` builds it), then one first apply and ``--applies`` later applies of recipes with
 per-layer-group weights (and densities) drawn anew for every apply, as a search's candidates are.
-Reported per case: load s, first apply s, later apply s (median), peak RSS (the number the worker
+Reported per case: load s, first apply s, later apply s (mean), peak RSS (the number the worker
 reports as ``peak_rss_mb``) against the model's size, the bytes the Workspace holds, and, for
-16-bit loads, the relative L2 error of the stored task vectors against float32.
+16-bit loads, the relative L2 error of the stored task vectors against float32, and the load
+average when the case starts and ends (the machine is shared). ``--tie-orders mergekit index``
+runs the trimming methods (TIES, breadcrumbs) with each ``load.tie_order``; ``--compare`` adds,
+to the TIES ``mergekit`` case, what ``index`` order changes in the last recipe's merge: entries
+that differ and the relative L2 difference of the merged tensors (and of their task vectors).
 
     python bench/real_model_merge.py --label before       # all cases, ~15 min on 2 busy cores
     python bench/real_model_merge.py --label after --methods ties --dtypes float32
+    python bench/real_model_merge.py --name real_model_merge_tie_order --label tie_order \
+        --methods ties dare_ties della --dtypes float32 --tie-orders mergekit index \
+        --applies 3 --compare
 
-Results go to ``bench/results/real_model_merge.json`` under the label (other labels are kept).
+Results go to ``bench/results/{--name}.json`` under the label (other labels are kept).
 """
 
 from __future__ import annotations
@@ -50,9 +57,10 @@ MODEL_PARAMS = {
     "breadcrumbs_ties": {"density": (0.6, 0.95), "gamma": (0.005, 0.05)},
     "della": {"density": (0.3, 0.7), "epsilon": (0.05, 0.15)},
 }
-COLUMNS = ["label", "method", "dtype", "cache", "K", "load_s", "first_s", "later_s",
+TRIMS = ("ties", "breadcrumbs_ties", "breadcrumbs")
+COLUMNS = ["label", "method", "ties", "dtype", "cache", "K", "load_s", "first_s", "later_s",
            "first_over_later", "peak_rss_gb", "model_gb", "rss_over_model", "held_gb",
-           "held_over_model", "tv_rel_err", "tv_zeroed"]
+           "held_over_model", "tv_rel_err", "tv_zeroed", "load_avg"]
 ERR_TENSORS = ("model.layers.0.self_attn.k_proj.weight", "model.layers.10.mlp.down_proj.weight",
                "model.layers.29.self_attn.q_proj.weight")
 
@@ -124,7 +132,9 @@ def run_case(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     paths, k, method = spec["paths"], spec["k"], spec["method"]
-    load = LoadConfig(dtype=spec["dtype"], merge_cache_bytes=spec["cache_bytes"])
+    load_avg = [os.getloadavg()[0]]
+    load = LoadConfig(dtype=spec["dtype"], merge_cache_bytes=spec["cache_bytes"],
+                      tie_order=spec.get("tie_order", "mergekit"))
     sources = {n: p for n, p in paths.items() if n == "base" or int(n[1:]) < k}
     t0 = time.perf_counter()
     ws = Workspace(sources, "base", load=load)
@@ -137,12 +147,48 @@ def run_case(spec: dict) -> dict:
         ws.apply(recipe)
         times.append(time.perf_counter() - t)
     model_bytes = sum(p.numel() * 4 for p in ws.model.parameters())  # float32, as on disk
-    out = {"load_s": load_s, "first_s": times[0], "later_s": median(times[1:]),
-           "later_all_s": times[1:], "peak_rss_mb": peak_rss_mb(), "peak_rss_load_mb": rss_load,
-           "model_fp32_bytes": model_bytes, "held": held_bytes(ws)}
+    load_avg.append(os.getloadavg()[0])
+    out = {"load_s": load_s, "first_s": times[0], "later_s": sum(times[1:]) / len(times[1:]),
+           "later_median_s": median(times[1:]), "later_all_s": times[1:],
+           "peak_rss_mb": peak_rss_mb(), "peak_rss_load_mb": rss_load,
+           "model_fp32_bytes": model_bytes, "held": held_bytes(ws), "load_avg": load_avg}
     if spec["dtype"] != "float32":
         out.update(task_vector_error(ws, paths))
+    if spec.get("compare"):
+        out["index_vs_mergekit"] = compare_tie_orders(ws, recipe)
     return out
+
+
+def compare_tie_orders(ws, recipe) -> dict:
+    """What ``load.tie_order: index`` changes in the merge ``ws`` holds (``recipe``'s, merged in
+    mergekit order): entries that differ, relative L2 of the merged tensors and of their task
+    vectors (merged - base), over the tensors some expert changes."""
+    import torch
+
+    params = dict(ws.model.named_parameters())
+    names = [n for n in params if n in ws._deltas]
+    before = {n: params[n].detach().clone() for n in names}
+    ws.load = ws.load.model_copy(update={"tie_order": "index"})
+    ws._bounds.clear()
+    t = time.perf_counter()
+    ws.apply(recipe)
+    index_s = time.perf_counter() - t
+    differ = total = 0
+    diff2 = merged2 = delta2 = 0.0
+    worst = 0.0
+    for n in names:
+        a, b = before[n].double(), params[n].detach().double()
+        d = b - a
+        differ += int(torch.count_nonzero(d))
+        total += d.numel()
+        diff2 += float(d.square().sum())
+        merged2 += float(a.square().sum())
+        delta = a - ws._base[n].double()
+        delta2 += float(delta.square().sum())
+        worst = max(worst, float(d.norm() / delta.norm()) if delta.norm() > 0 else 0.0)
+    return {"entries_differ": differ, "entries": total, "share_differ": differ / total,
+            "rel_l2_merged": (diff2 / merged2) ** 0.5, "rel_l2_task_vector": (diff2 / delta2)
+            ** 0.5, "worst_tensor_rel_l2_task_vector": worst, "index_apply_s": index_s}
 
 
 def held_bytes(ws) -> dict[str, int]:
@@ -187,6 +233,11 @@ def task_vector_error(ws, paths: dict[str, str]) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--label", default="after", help="results key (before / after)")
+    p.add_argument("--name", default=NAME, help="results file bench/results/NAME.json")
+    p.add_argument("--tie-orders", nargs="+", default=["mergekit"],
+                   choices=["mergekit", "index"], help="load.tie_order for TIES/breadcrumbs")
+    p.add_argument("--compare", action="store_true",
+                   help="measure index vs mergekit order on the TIES mergekit case")
     p.add_argument("--methods", nargs="+", default=["ties", "dare_ties", "task_arithmetic"])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--ks", nargs="+", type=int, default=[3])
@@ -203,11 +254,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cases(args: argparse.Namespace, paths: dict[str, str]) -> list[dict]:
     common = {"paths": paths, "applies": args.applies, "threads": args.threads}
-    out = [{**common, "method": m, "dtype": d, "k": k, "cache_bytes": None}
-           for k in args.ks for d in args.dtypes for m in args.methods]
     off = args.methods if args.cache_off is None else args.cache_off
-    out += [{**common, "method": m, "dtype": "float32", "k": k, "cache_bytes": 0}
-            for k in args.ks for m in off]
+    out = []
+    for m in args.methods:
+        for order in (args.tie_orders if m in TRIMS else ["mergekit"]):
+            each = {**common, "method": m, "tie_order": order}
+            out += [{**each, "dtype": d, "k": k, "cache_bytes": None}
+                    for k in args.ks for d in args.dtypes]
+            if m in off:
+                out += [{**each, "dtype": "float32", "k": k, "cache_bytes": 0} for k in args.ks]
+    if args.compare:
+        for spec in out:
+            if spec["method"] == "ties" and spec["tie_order"] == "mergekit":
+                spec["compare"] = True
+                break
     return out
 
 
@@ -215,7 +275,8 @@ def row_of(label: str, spec: dict, res: dict) -> dict:
     gb = 2**30
     model = res["model_fp32_bytes"]
     held = sum(res["held"].values())
-    return {"label": label, "method": spec["method"], "dtype": spec["dtype"],
+    ties = spec.get("tie_order", "mergekit") if spec["method"] in TRIMS else "-"
+    return {"label": label, "method": spec["method"], "ties": ties, "dtype": spec["dtype"],
             "cache": "off" if spec["cache_bytes"] == 0 else "auto", "K": spec["k"],
             "load_s": res["load_s"], "first_s": res["first_s"], "later_s": res["later_s"],
             "first_over_later": res["first_s"] / max(res["later_s"], 1e-9),
@@ -224,7 +285,10 @@ def row_of(label: str, spec: dict, res: dict) -> dict:
             "held_over_model": held / model, "tv_rel_err": res.get("tv_rel_err"),
             "tv_zeroed": res.get("tv_zeroed"), "held": res["held"],
             "peak_rss_load_gb": res["peak_rss_load_mb"] / 1024,
-            "later_all_s": res["later_all_s"]}
+            "later_all_s": res["later_all_s"], "later_median_s": res["later_median_s"],
+            "load_avg": "-".join(f"{x:.0f}" for x in res["load_avg"]),
+            "load_avg_start_end": res["load_avg"],
+            "index_vs_mergekit": res.get("index_vs_mergekit")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -236,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     info = machine()
     rows = []
     for spec in cases(args, paths):
-        print(f"{spec['method']} {spec['dtype']} K={spec['k']} cache={spec['cache_bytes']} ...",
-              flush=True)
+        print(f"{spec['method']} {spec['tie_order']} {spec['dtype']} K={spec['k']} "
+              f"cache={spec['cache_bytes']} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(spec)],
                               capture_output=True, text=True, check=False)
         line = next((s for s in proc.stdout.splitlines() if s.startswith("RESULT ")), None)
@@ -245,19 +309,22 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"case failed:\n{proc.stderr[-3000:]}")
         rows.append(row_of(args.label, spec, json.loads(line[7:])))
         print(format_table(rows[-1:], COLUMNS), flush=True)
+        if rows[-1]["index_vs_mergekit"]:
+            print("index vs mergekit order:", rows[-1]["index_vs_mergekit"], flush=True)
         write(args, rows, info)  # after every case: a long run keeps what it measured
     print(format_table(rows, COLUMNS))
-    print(f"wrote {RESULTS / (NAME + '.json')}")
+    print(f"wrote {RESULTS / (args.name + '.json')}")
 
 
 def write(args: argparse.Namespace, rows: list[dict], info: dict) -> Path:
     """Merge this label's rows into the results file (other labels are kept)."""
-    path = RESULTS / f"{NAME}.json"
-    record = json.loads(path.read_text()) if path.is_file() else {"benchmark": NAME, "runs": {}}
+    path = RESULTS / f"{args.name}.json"
+    record = (json.loads(path.read_text()) if path.is_file()
+              else {"benchmark": args.name, "runs": {}})
     info["loadavg_end"] = list(os.getloadavg())
     if args.append and args.label in record["runs"]:
         def case(r: dict) -> tuple:
-            return r["method"], r["dtype"], r["cache"], r["K"]
+            return r["method"], r.get("ties", "-"), r["dtype"], r["cache"], r["K"]
 
         done = record["runs"][args.label]["results"]
         rows = [r for r in done if case(r) not in {case(x) for x in rows}] + rows

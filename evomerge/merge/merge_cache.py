@@ -4,7 +4,8 @@
   order of its entries (descending for TIES, ascending for breadcrumbs; int32): 8 bytes per
   entry, only for the task vectors where a candidate's trim bound cuts a tie group (where
   mergekit keeps some tied entries, not all, and only its order says which); every other bound
-  is found by selection (:func:`evomerge.merge.trimming.window_bounds`), with no cache.
+  is found by selection (:func:`evomerge.merge.trimming.window_bounds`), with no cache; never
+  built with ``load.tie_order: index``.
 - :class:`DareLevels`: the DARE levels of each task vector for one recipe seed, and per level the
   L1 norm of the entries below it, so a rescale factor is a lookup. The levels of two task
   vectors share one float32 (``4096 * a + b``, exact): 2 bytes per entry, loaded at full speed

@@ -10,7 +10,11 @@ entry). The Workspace trims by magnitude bounds, ties included, in one fused pas
 the bounds by selection (:func:`window_bounds`: exact order statistics from a sampled bracket,
 ~55x faster than the sort on SmolLM2's task vectors) and only where a bound cuts a tie group
 takes the argsort order (:class:`SortedMagnitudes`) to rewrite that group's entries
-(:func:`partial_ties`).
+(:func:`partial_ties`). With ``load.tie_order: index`` it keeps, of such a group, mergekit's
+count of entries, the ones with the lowest flat indices (:func:`index_ties`): no sort at all,
+and a merge that differs from mergekit's only in which equal-magnitude entries are kept. DELLA
+ranks every entry of a row (its keep probability is the rank's), so it always sorts, once per
+seed, as mergekit does.
 
 Ranks are computed on the CPU in float32 (as mergekit does on the CPU), whatever device the task
 vector is on, so a merge on a GPU keeps the same entries as ``mergekit-yaml`` on a CPU.
@@ -116,13 +120,26 @@ def window_mask(ranks: Tensor, lo: int, hi: int) -> Tensor:
 
 
 def trim_mask(abs_delta: Tensor, *, method: str, density: float,
-              gamma: float = 0.0) -> Tensor | None:
-    """Entries kept by magnitude trimming (TIES) or breadcrumbs, exactly as mergekit keeps them
-    (ties included), shaped like ``abs_delta``; None: keep everything."""
+              gamma: float = 0.0, tie_order: str = "mergekit") -> Tensor | None:
+    """Entries kept by magnitude trimming (TIES) or breadcrumbs, shaped like ``abs_delta``;
+    None: keep everything. ``tie_order``: ``mergekit`` keeps exactly mergekit's entries (ties
+    included, by its argsort); ``index`` the same count, taking the lowest flat indices of a tie
+    group a bound cuts (:func:`index_ties`, the Workspace's way: no sort)."""
     window = rank_window(method, abs_delta.numel(), density=density, gamma=gamma)
     if window is None:
         return None
-    return window_mask(ranks_for(method, abs_delta), *window).reshape(abs_delta.shape)
+    if tie_order == "mergekit":
+        return window_mask(ranks_for(method, abs_delta), *window).reshape(abs_delta.shape)
+    if tie_order != "index":
+        raise ValueError(f"unknown tie order {tie_order!r}; use 'mergekit' or 'index'")
+    flat = abs_delta.reshape(-1)
+    if window[0] == window[1]:
+        return torch.zeros_like(abs_delta, dtype=torch.bool)
+    b = window_bounds(method, flat, window)
+    keep = (flat.float() >= b.lo) & (flat.float() <= b.hi)
+    for idx, kept in index_ties(flat, b, zeros=True):
+        keep[idx] = kept
+    return keep.reshape(abs_delta.shape)
 
 
 # -- the Workspace's form: sorted magnitudes, argsort order, and the ties to fix up -----------
@@ -202,12 +219,15 @@ class Bounds(NamedTuple):
     """A rank window resolved to magnitudes: keep ``lo <= |tau| <= hi``. ``cut``: a tie group at
     a non-zero bound straddles the window, where only mergekit's argsort order says which of its
     entries are kept (:func:`partial_ties`); ties at 0 never matter (a kept 0 adds nothing).
-    ``l1``: the L1 norms of the kept entries and of all (None unless asked for, or when cut)."""
+    ``l1``: the L1 norms of the kept entries and of all (None unless asked for); the same for
+    any choice of tied entries, as they are equal. ``groups``: each cut tie group (one at 0
+    too) as ``(magnitude, entries kept, entries in the group)`` (:func:`index_ties`)."""
 
     lo: float
     hi: float
     cut: bool
     l1: tuple[float, float] | None
+    groups: tuple[tuple[float, int, int], ...] = ()
 
 
 def window_bounds(kind: str, abs_delta: Tensor, window: tuple[int, int], *,
@@ -227,18 +247,44 @@ def window_bounds(kind: str, abs_delta: Tensor, window: tuple[int, int], *,
         a, b = window
     else:
         raise ValueError(f"unknown trim method {kind!r}; use 'magnitude' or 'outliers'")
-    lo, below, _ = order_statistic(flat, a)
-    cut = lo > 0 and below < a
+    lo, below, through = order_statistic(flat, a)
+    groups = [(lo, min(through, b) - a, through - below)]
     hi = math.inf
     if b < n:
-        hi, _, through = order_statistic(flat, b - 1)
-        cut = cut or (hi > 0 and through > b)
+        hi, below_hi, through_hi = order_statistic(flat, b - 1)
+        if hi == lo:  # one tie group holds the whole window
+            groups = [(lo, b - a, through - below)]
+        else:
+            groups.append((hi, b - below_hi, through_hi - below_hi))
+    cuts = tuple(g for g in groups if g[1] < g[2])
     kept = None
-    if l1 and not cut:
+    if l1:
         where = flat >= lo if b == n else (flat >= lo) & (flat <= hi)
-        kept = (float(np.sum(flat, where=where, dtype=np.float64)),
+        dropped = sum(v * (size - keep) for v, keep, size in cuts)
+        kept = (float(np.sum(flat, where=where, dtype=np.float64)) - dropped,
                 float(np.sum(flat, dtype=np.float64)))
-    return Bounds(lo, hi, cut, kept)
+    return Bounds(lo, hi, any(v > 0 for v, _, _ in cuts), kept, cuts)
+
+
+def index_ties(abs_delta: Tensor, bounds: Bounds, *,
+               zeros: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """``load.tie_order: index``: the cut tie groups of ``bounds`` as :func:`partial_ties` gives
+    them (flat indices of the group's entries, which are kept), keeping mergekit's count of each
+    group's entries, the ones with the lowest flat indices. One pass per group, no sort. A
+    group of zeros (kept or not, it adds nothing) only with ``zeros``.
+
+    >>> a = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
+    >>> [(i.tolist(), k.tolist()) for i, k in index_ties(a, window_bounds("magnitude", a, (0, 2)))]
+    [([0, 2, 4], [True, True, False])]
+    """
+    flat = _numpy_f32(abs_delta)
+    out = []
+    for value, keep, _ in bounds.groups:
+        if value == 0 and not zeros:
+            continue
+        idx = torch.from_numpy(np.flatnonzero(flat == np.float32(value))).to(abs_delta.device)
+        out.append((idx, torch.arange(idx.numel(), device=idx.device) < keep))
+    return out
 
 
 def order_statistic(flat: np.ndarray, q: int) -> tuple[float, int, int]:

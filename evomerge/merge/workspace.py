@@ -24,7 +24,9 @@ fused path runs its reference kernel on the models' tensors rebuilt from the tas
 candidate by selection (:func:`evomerge.merge.trimming.window_bounds`: a sampled bracket, then a
 partition of the few entries inside it), exactly mergekit's kept set; mergekit's argsort order
 is computed (and cached, :class:`~evomerge.merge.merge_cache.SortCache`) only for a task vector
-where a bound cuts a tie group. DARE masks and DELLA codes come from caches built on first use
+where a bound cuts a tie group, and never with ``load.tie_order: index`` (the lowest-index
+entries of such a group are kept, :func:`evomerge.merge.trimming.index_ties`). DARE masks and
+DELLA codes come from caches built on first use
 (:mod:`evomerge.merge.merge_cache`), each kept only if it fits in ``cache_bytes`` (default: half
 the free memory of the device). DARE levels are drawn from generators seeded by (recipe seed,
 tensor name, model name) on the CPU, so a recipe is reproducible bit for bit. The result equals
@@ -69,6 +71,7 @@ from evomerge.merge.reference import MergePlan, keeps_base, plan_merge, tensor_p
 from evomerge.recipe import AnyRecipe, Recipe, ps_recipe
 
 DEFAULT_LOAD = LoadConfig.model_validate({})
+Ties = list[tuple[Tensor, Tensor]]
 
 
 class Workspace:
@@ -117,7 +120,8 @@ class Workspace:
         self.dare = DareLevels(self._deltas, others, cache_bytes)
         self.della = DellaCodes(self._deltas, others, cache_bytes)
         self.sce = SceVariance(self._deltas, cache_bytes)
-        self._bounds: dict[tuple[str, str, int], tuple[tuple[int, int], trimming.Bounds]] = {}
+        self._bounds: dict[tuple[str, str, int],
+                           tuple[tuple[int, int], trimming.Bounds, Ties | None]] = {}
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, *, load: LoadConfig | None = None) -> Workspace:
@@ -314,8 +318,10 @@ class Workspace:
     def _trim_model(self, kind: str, name: str, row: int, window: tuple[int, int] | None,
                     rescale: bool) -> tuple[float, float, float, list[tuple[Tensor, Tensor]]]:
         """One task vector's kept magnitudes ``(lo, hi)``, rescale factor and cut tie groups:
-        bounds by selection (:func:`trimming.window_bounds`); mergekit's argsort order
-        (:class:`SortCache`) only where a tie group at a bound is cut."""
+        bounds by selection (:func:`trimming.window_bounds`); where a tie group at a bound is
+        cut, mergekit's argsort order (:class:`SortCache`) says which of its entries are kept,
+        or with ``load.tie_order: index`` the lowest flat indices (:func:`trimming.index_ties`,
+        no sort)."""
         if window is None:
             return 0.0, math.inf, 1.0, []
         if window[0] == window[1]:
@@ -323,14 +329,18 @@ class Workspace:
         key = (kind, name, row)
         last = self._bounds.get(key)
         if last is not None and last[0] == window and (last[1].l1 is not None or not rescale):
-            bounds = last[1]
+            _, bounds, ties = last
         else:
-            bounds = trimming.window_bounds(kind, self._deltas[name][row].abs(), window,
-                                            l1=rescale)
-            self._bounds[key] = (window, bounds)
-        if not bounds.cut:
+            magnitudes = self._deltas[name][row].abs()
+            bounds = trimming.window_bounds(kind, magnitudes, window, l1=rescale)
+            ties = None
+            if bounds.cut and self.load.tie_order == "index":
+                ties = trimming.index_ties(magnitudes, bounds)
+            self._bounds[key] = (window, bounds, ties)
+        if not bounds.cut or ties is not None:
             before, after = (bounds.l1[1], bounds.l1[0]) if bounds.l1 else (1.0, 1.0)
-            return bounds.lo, bounds.hi, rescale_factors([before], [after], rescale)[0], []
+            factor = rescale_factors([before], [after], rescale)[0]
+            return bounds.lo, bounds.hi, factor, ties or []
         s = self.sorts.get(kind, name, row)
         low, high = trimming.window_values(s, window)
         factor = rescale_factors([float(s.values.sum())], [trimming.window_l1(s, window)],

@@ -188,7 +188,8 @@ def _write_one(recipe: AnyRecipe, path: Path, fmt: str, *, metrics: Mapping[str,
         from evomerge.runs.export_mergekit import export_mergekit_yaml
 
         header.append("Run: mergekit-yaml THIS_FILE OUT/")
-        path.write_text(export_mergekit_yaml(recipe, header=header))
+        tie_order = load.tie_order if load else "mergekit"
+        path.write_text(export_mergekit_yaml(recipe, header=header, tie_order=tie_order))
     else:
         _write_hf(recipe, path, metrics=metrics, held_out=held_out, study_name=study_name,
                   trial=trial, load=load)
@@ -213,7 +214,7 @@ def _write_hf(recipe: AnyRecipe, folder: Path, *, metrics: Mapping[str, Any] | N
     (folder / RECIPE_FILE).write_text(recipe.to_yaml())
     mk_text, mk_error = None, None
     try:
-        mk_text = export_mergekit_yaml(recipe)
+        mk_text = export_mergekit_yaml(recipe, tie_order=load.tie_order if load else "mergekit")
     except ValueError as err:
         mk_error = str(err)
     title = f"{study_name} trial {trial}" if study_name and trial is not None else "Merged model"

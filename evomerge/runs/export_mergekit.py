@@ -42,6 +42,13 @@ DARE_NOTE = (
     "reproduces the method and every parameter but not the same dropped entries: the weights "
     "differ entry by entry (each task vector keeps the same L1 norm when rescale is on)."
 )
+TIE_NOTE = (
+    "evomerge merged this recipe with load.tie_order: index: where a trim bound cuts a group of "
+    "task-vector entries of equal magnitude, it keeps the lowest-index ones, mergekit the ones "
+    "its argsort puts first. mergekit's merge of this config keeps the same number of entries "
+    "with the same magnitudes and differs from evomerge's (--format hf) in those tied entries "
+    "only."
+)
 BASE_OPTIONAL = ("nuslerp", "multislerp")
 """mergekit methods whose optional base_model changes the merge (it is written when set)."""
 
@@ -78,13 +85,16 @@ def mergekit_config(
 
 
 def mergekit_yaml(recipe: AnyRecipe, *, num_layers: int, tensor_names: Iterable[str] | None = None,
-                  header: Sequence[str] = ()) -> str:
-    """:func:`mergekit_config` as YAML text, with ``header`` lines (and the DARE caveat) as
-    comments on top."""
+                  header: Sequence[str] = (), tie_order: str = "mergekit") -> str:
+    """:func:`mergekit_config` as YAML text, with ``header`` lines (and the DARE caveat, or
+    the tie caveat for a trim merged with ``tie_order`` ``index``) as comments on top."""
     config = mergekit_config(recipe, num_layers=num_layers, tensor_names=tensor_names)
     lines = list(header)
-    if METHODS[_exportable(recipe).method].seeded:
+    spec = METHODS[_exportable(recipe).method]
+    if spec.seeded:
         lines += ["", "NOTE: " + DARE_NOTE]
+    elif tie_order == "index" and spec.sparsifier in ("magnitude", "outliers"):
+        lines += ["", "NOTE: " + TIE_NOTE]
     comment = "".join(f"# {line}\n".replace("# \n", "#\n") for line in _wrap(lines))
     return comment + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=99)
 
@@ -319,8 +329,10 @@ def _safetensors_keys(file: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def export_mergekit_yaml(recipe: AnyRecipe, *, header: Sequence[str] = ()) -> str:
-    """:func:`mergekit_yaml` with the layer count and tensor names read from the base model;
+def export_mergekit_yaml(recipe: AnyRecipe, *, header: Sequence[str] = (),
+                         tie_order: str = "mergekit") -> str:
+    """:func:`mergekit_yaml` with the layer count and tensor names read from the base model
+    (``tie_order``: the ``load.tie_order`` evomerge merges with);
     warns (and says so on top of the file) when stock mergekit is known not to run it. A dfs
     recipe: :func:`evomerge.dfs.passthrough.passthrough_yaml`."""
     import warnings
@@ -336,7 +348,7 @@ def export_mergekit_yaml(recipe: AnyRecipe, *, header: Sequence[str] = ()) -> st
         warnings.warn(caveat, stacklevel=2)
         header = [*header, "", "WARNING: " + caveat]
     return mergekit_yaml(recipe, num_layers=num_hidden_layers(source), tensor_names=names,
-                         header=header)
+                         header=header, tie_order=tie_order)
 
 
 def _names(source: str) -> list[str] | None:
