@@ -426,7 +426,7 @@ class CmaesConfig(Strict):
         coarse = self.coarse
         if coarse is not None and self.sigma0 is not None and self.sigma0 > coarse.sigma0:
             raise KeyedValueError(
-                "sigma0", f"{self.sigma0} is larger than coarse.sigma0 ({self.coarse.sigma0}); "
+                "sigma0", f"{self.sigma0} is larger than coarse.sigma0 ({coarse.sigma0}); "
                 "the fine phase refines the coarse winner with a smaller step: lower sigma0 or "
                 "raise coarse.sigma0"
             )
