@@ -30,6 +30,9 @@ table gives both to reach 95 % of the final best, and the figure plots against b
         --compare search_quality       # the issue-12 rows, next to the earlier ones
     python bench/search_quality.py --methods "cmaes per-layer" --fidelity 0.25 1.0 \
         --skip-peer --name search_quality_fidelity   # successive halving on 25 % first
+    python bench/search_quality.py --rows cost --reuse   # issue 18: samplers, starts and
+        # fidelity on the per-layer TA space next to the peer, the table in examples scored
+    python bench/search_quality.py --rows cost --merge A B   # one table from results/A, B.json
 """
 
 from __future__ import annotations
@@ -52,7 +55,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench import mergekit_evolve as peer  # noqa: E402
 from bench.candidate_throughput import ensure_suite, num_layers, suite_tasks, toy_job  # noqa: E402
-from bench.common import format_table, machine, new_figure, save_figure, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    format_table,
+    machine,
+    markdown_table,
+    new_figure,
+    save_figure,
+    write_json,
+)
 
 
 def searches(layers: int) -> dict[str, dict[str, Any]]:
@@ -84,7 +94,43 @@ def searches(layers: int) -> dict[str, dict[str, Any]]:
         "grid TIES": {"space": ties, "sampler": {"name": "grid", "points": 5}, "trials": 25,
                       "seeded": False, "baselines": False},
         **dfs_searches(per_model, cma),
+        **cost_searches({**per_layer, "method": "task_arithmetic"}, cma),
     }
+
+
+# -- cost rows (--rows cost, issue 18): samplers and fidelity on the per-layer TA space -------
+COST_ROWS = ("cmaes per-layer TA", "cmaes per-layer TA sh 0.25", "cmaes per-layer TA auto",
+             "cmaes per-layer TA center", "tpe per-layer TA", "random per-layer TA",
+             "gp per-layer TA", "cmaes per-layer TA anchors subset",
+             "cmaes per-layer TA random subset", "cmaes per-layer TA coarse",
+             "cmaes per-layer TA adamerging", "mergekit-evolve")
+AUTO = {"mode": "auto", "fractions": [0.1, 0.25, 0.5, 1.0]}  # the README's example
+
+
+def cost_searches(ta: dict[str, Any], cma: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue-18 rows: one space (per-layer task arithmetic), one sampler or fidelity
+    setting changed per row. ``new``: an option that may not exist yet (the row is skipped
+    with a note when ``parse_job`` refuses it or the search fails)."""
+    fine = {k: v for k, v in cma.items() if k != "sigma0"}  # coarse: fine sigma0 = half
+    sh = {"fractions": [0.25, 1.0]}
+    rows: dict[str, dict[str, Any]] = {
+        "cmaes per-layer TA sh 0.25": {"sampler": cma, "fidelity": sh},
+        "cmaes per-layer TA auto": {"sampler": cma, "fidelity": AUTO},
+        "cmaes per-layer TA center": {"sampler": {**cma, "start": "center"}},
+        "tpe per-layer TA": {"sampler": {"name": "tpe"}},
+        "random per-layer TA": {"sampler": {"name": "random"}},
+        "gp per-layer TA": {"sampler": {"name": "gp"}, "new": True},
+        "cmaes per-layer TA anchors subset": {"sampler": cma, "new": True, "fidelity": {
+            "subset": {"method": "anchors", "size": 16, "warmup": 8}}},  # 16 of 64 per task
+        "cmaes per-layer TA random subset": {"sampler": cma, "new": True, "fidelity": {
+            "subset": {"method": "random", "size": 16, "warmup": 8}}},
+        "cmaes per-layer TA coarse": {"sampler": {**fine, "coarse": {"trials": 16}},
+                                      "new": True},
+        "cmaes per-layer TA adamerging": {"sampler": {**cma, "start": "adamerging"},
+                                          "adamerging": {"granularity": "layer", "steps": 200},
+                                          "new": True},
+    }
+    return {k: {"space": ta, "seeded": True, "optional": True, **v} for k, v in rows.items()}
 
 
 # -- DFS rows (--rows dfs): DFS alone and PS then DFS, next to PS alone and the references -----
@@ -190,8 +236,10 @@ def run_evomerge(job_dict: dict[str, Any], *, reuse: bool = False) -> list[dict[
 
     run_dir = Path(job_dict["run_dir"])
     if reuse and (run_dir / "job.yaml").exists():
-        rows = [r for r in read_trials(run_dir) if r["state"] == "COMPLETE"]
-        if len(rows) >= job_dict["search"]["trials"]:
+        done = read_trials(run_dir)
+        rows = [r for r in done if r["state"] == "COMPLETE"]
+        finished = [r for r in done if r["state"] in ("COMPLETE", "PRUNED", "FAILED")]
+        if rows and len(finished) >= job_dict["search"]["trials"]:  # pruned trials count
             return sorted(rows, key=lambda r: r["end"])
     shutil.rmtree(run_dir, ignore_errors=True)
     _no_grid_stop()
@@ -308,8 +356,19 @@ def examples_at(examples: list[int | None] | None, evals: int | None) -> int | N
     return examples[evals - 1]
 
 
+def unavailable(job: dict[str, Any]) -> str | None:
+    """Why ``parse_job`` refuses the job (an option not there yet), or None."""
+    from evomerge.config import parse_job
+
+    try:
+        parse_job(copy.deepcopy(job))
+    except Exception as err:  # pydantic's ValidationError or evomerge's KeyedValueError
+        return str(err).splitlines()[0][:200]
+    return None
+
+
 def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespace,
-            held: HeldOut) -> dict[str, Any]:
+            held: HeldOut) -> dict[str, Any] | None:
     sampler = {**spec["sampler"], "seed": seed}
     job = toy_job(args.suite, args.work / f"{label.replace(' ', '_')}_{seed}",
                   evaluator="accuracy", limit=args.limit, workers=args.workers,
@@ -318,7 +377,25 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
     job = with_experts(job, copy.deepcopy(spec), args.evals)
     if args.fidelity:
         job["search"]["fidelity"] = {"fractions": args.fidelity}
-    rows = run_evomerge(job, reuse=args.reuse)
+    if "fidelity" in spec:  # the row's own setting wins over --fidelity
+        job["search"]["fidelity"] = copy.deepcopy(spec["fidelity"])
+        if "subset" in spec["fidelity"]:  # a random subset differs between seeds
+            job["search"]["fidelity"]["subset"]["seed"] = seed
+    if "adamerging" in spec:
+        job["adamerging"] = {**spec["adamerging"], "seed": seed}
+    if spec.get("new"):
+        note = unavailable(job)
+        if note:
+            print(f"skipped {label}: option not available ({note})", file=sys.stderr)
+            return None
+        try:
+            rows = run_evomerge(job, reuse=args.reuse)
+        except Exception as err:  # a new option whose search is not wired yet
+            print(f"skipped {label} seed {seed}: the search failed ({err!r})"[:400],
+                  file=sys.stderr)
+            return None
+    else:
+        rows = run_evomerge(job, reuse=args.reuse)
     first = phase_rows(Path(job["run_dir"])) if "then" in spec else []
     seconds = rows[-1]["end"] - min(r["start"] for r in first + rows)
     values = [r["value"] for r in first + rows]  # PS+DFS: phase 1's evaluations, then 2's
@@ -375,13 +452,23 @@ def run_peer(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, An
     rows = res["candidates"]
     values = [float(r["score"]) for r in rows]
     tests = [(m, held.mergekit(rows[i]["config"])) for m, i in incumbents(values, args.every)]
-    # each candidate: lm-eval on --limit validation examples of every task (no fidelity)
-    per = args.limit * len(suite_tasks(args.suite))
+    per = peer_examples_per_candidate(args.suite, args.limit)
     out = record("mergekit-evolve", seed, values, tests, time.time() - t0,
                  [per * (i + 1) for i in range(len(values))])
     out["examples_estimated"] = True  # from the peer's config, not counted by it
     out["rc"] = res["rc"]
     return out
+
+
+def peer_examples_per_candidate(suite: Path, limit: int) -> int:
+    """Examples mergekit-evolve scores per candidate: its lm-eval tasks (``toy_<task>`` of
+    every expert task, on the validation split: ``peer.peer_tasks``) each on the first
+    ``limit`` documents (lm-eval's ``limit``), no fidelity, no baselines."""
+    n = 0
+    for t in suite_tasks(suite):
+        with open(suite / "data" / t / "validation.jsonl", encoding="utf-8") as f:
+            n += min(limit, sum(1 for line in f if line.strip()))
+    return n
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -406,8 +493,22 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "examples_to_95_of_peer": _mean(examples_at(r.get("examples"), x)
                                             for r, x in zip(rs, to_peer, strict=True))
             if to_peer else None,
+            "reached_peer": f"{sum(x is not None for x in to_peer)}/{len(rs)}"
+            if to_peer else None,
             "seconds": _mean(r["seconds"] for r in rs),
         })
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 18's ratio: examples to 95 % (of its own best; of the peer's best) over the
+    peer's examples to 95 % of its own best (target <= 1/3)."""
+    pk = next((r for r in rows if r["method"] == "mergekit-evolve"), None)
+    base = pk and pk.get("examples_to_95")
+    for r in rows:
+        own, at_peer = r.get("examples_to_95"), r.get("examples_to_95_of_peer")
+        r["x_peer"] = own / base if base and own is not None else None
+        r["x_peer_at_peer"] = at_peer / base if base and at_peer is not None else None
     return rows
 
 
@@ -495,18 +596,30 @@ def main(argv: list[str] | None = None) -> int:
                    "(held-out is rescored)")
     p.add_argument("--peer-seeds", type=int, help="mergekit-evolve seeds (default: --seeds)")
     p.add_argument("--name", default="search_quality", help="results/<name>.json and .png")
-    p.add_argument("--rows", choices=["dfs"], help="dfs: DFS alone and PS+DFS next to PS "
-                   "alone (cmaes per-model), uniform TA and the experts; no peer, no AdaMerging")
+    p.add_argument("--rows", choices=["dfs", "cost"], help="dfs: DFS alone and PS+DFS next "
+                   "to PS alone (cmaes per-model), uniform TA and the experts; no peer, no "
+                   "AdaMerging. cost: issue 18's samplers and fidelity settings on the "
+                   "per-layer TA space next to mergekit-evolve, table in examples scored")
     p.add_argument("--fidelity", type=float, nargs="+", help="search.fidelity fractions "
                    "for every evomerge search, e.g. 0.25 1.0 (default: none)")
+    p.add_argument("--merge", nargs="+", metavar="NAME", help="no search: the table and "
+                   "figure of the runs stored in results/<NAME>.json (several invocations' "
+                   "rows, e.g. the peer's run apart), into results/<--name>.json")
     p.add_argument("--compare", help="also print the rows of results/<COMPARE>.json (earlier "
                    "runs, marked '(earlier)') under the new ones")
     args = p.parse_args(argv)
     if args.rows == "dfs":
         args.methods, args.skip_peer = list(DFS_ROWS), True
+    if args.rows == "cost" and not args.methods:
+        args.methods = list(COST_ROWS)
+    if args.rows == "cost" and args.name == "search_quality":
+        args.name = "search_quality_cost"
     if args.quick:
         args.evals, args.seeds, args.skip_peer, args.every = 16, 2, True, 4
     info = machine()
+    if args.merge:  # the table of runs stored by earlier invocations (no search, no rescoring)
+        runs, info["merged"] = merged_runs(args.merge, args.methods)
+        return report(args, info, runs, summarize(runs))
     import ray
     import torch
 
@@ -529,8 +642,11 @@ def main(argv: list[str] | None = None) -> int:
         if (want and label not in want) or (not want and spec.get("optional")):
             continue
         for seed in range(args.seeds if spec["seeded"] else 1):
-            runs.append(run_one(label, spec, seed, args, held))
-            _log(runs[-1])
+            r = run_one(label, spec, seed, args, held)
+            if r is None:  # a new option not available: the row is skipped
+                break
+            runs.append(r)
+            _log(r)
     ray.shutdown()
     if not want or "adamerging" in want:
         for seed in range(args.seeds):
@@ -550,10 +666,25 @@ def main(argv: list[str] | None = None) -> int:
         rows += reference_scores(held, args.suite)
         print(format_table(rows, ["method", "seeds", "evals", "fitness", "test", "test_sd",
                                   "candidate_s", "seconds"]))
+    return report(args, info, runs, rows)
+
+
+def report(args: argparse.Namespace, info: dict[str, Any], runs: list[dict[str, Any]],
+           rows: list[dict[str, Any]]) -> int:
+    """Print the table, write results/<name>.json and .png."""
+    if not runs:
+        print("no runs (every row skipped): nothing written", file=sys.stderr)
+        return 0
     cols = ["method", "seeds", "evals", "fitness", "fitness_sd", "test", "test_sd",
             "evals_to_95", "examples_to_95", "examples_to_95_sd", "evals_to_95_of_peer",
             "examples_to_95_of_peer", "seconds"]
+    if args.rows == "cost":  # issue 18: the cost in examples scored, against the peer's
+        cols = ["method", "seeds", "fitness", "fitness_sd", "test", "test_sd", "examples",
+                "examples_to_95", "examples_to_95_sd", "examples_to_95_of_peer",
+                "reached_peer", "x_peer", "x_peer_at_peer", "seconds"]
     print(format_table(rows + compared(args.compare), cols))
+    if args.rows == "cost":
+        print(markdown_table(rows, cols))
     goal = targets(rows)
     print(json.dumps(goal, indent=1))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -566,6 +697,25 @@ def main(argv: list[str] | None = None) -> int:
         png = f"no figure ({err}; pip install -e .[bench])"
     print(f"wrote {path} and {png}", file=sys.stderr)
     return 0
+
+
+def merged_runs(names: list[str], methods: list[str] | None
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs stored in results/<NAME>.json files (the later file wins for a method and
+    seed), only ``methods`` if given; and where each file came from (date, load)."""
+    by: dict[tuple[str, int], dict[str, Any]] = {}
+    sources = []
+    for name in names:
+        data = json.loads((Path(__file__).parent / "results" / f"{name}.json").read_text())
+        m = data.get("machine", {})
+        sources.append({"name": name, "date": m.get("date"), "loadavg": [
+            m.get("loadavg_start"), m.get("loadavg_end")]})
+        for r in data["results"]["runs"]:
+            if not methods or r["method"] in methods:
+                by[(r["method"], r["seed"])] = r
+    order = {m: i for i, m in enumerate(methods or [])}
+    runs = sorted(by.values(), key=lambda r: (order.get(r["method"], len(order)), r["seed"]))
+    return runs, sources
 
 
 def compared(name: str | None) -> list[dict[str, Any]]:
