@@ -69,7 +69,27 @@ def from_unit(u: float, dist: FloatDistribution) -> float:
     return min(max(value, dist.low), dist.high)
 
 
-class IpopCmaSampler(optuna.samplers.BaseSampler):
+class RelativeSampler(optuna.samplers.BaseSampler):
+    """A sampler of the whole fixed space at once: a parameter outside it (none in a search;
+    Optuna asks only if a trial adds one) is drawn by ``self._fallback``, a seeded random
+    sampler."""
+
+    _fallback: optuna.samplers.RandomSampler
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+
+
+class IpopCmaSampler(RelativeSampler):
     """CMA-ES (full or separable) restarted with growing populations; single-objective."""
 
     def __init__(
@@ -131,18 +151,6 @@ class IpopCmaSampler(optuna.samplers.BaseSampler):
         opt.reseed_rng((self._seed * 100_003 + trial.number) % 2**31)  # resumes never repeat asks
         x = opt.ask()
         return {n: from_unit(u, d) for (n, d), u in zip(self._space.items(), x, strict=True)}
-
-    def sample_independent(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
-
-    def reseed_rng(self) -> None:
-        self._fallback.reseed_rng()
 
     # -- runs ----------------------------------------------------------------------------------
     @property

@@ -30,7 +30,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.search.cma_restarts import IpopCmaSampler, from_unit, to_unit
+from evomerge.search.cma_restarts import IpopCmaSampler, RelativeSampler, from_unit, to_unit
 
 PHASE_KEY = "evomerge:coarse:phase"  # trial system attribute: "coarse" or "fine"
 START_ATTR = "evomerge:coarse:fine_start"  # study user attribute: {trial, params}
@@ -106,7 +106,7 @@ class _CoarseCma(IpopCmaSampler):
                          for k, d in self._space.items()])
 
 
-class CoarseToFineSampler(optuna.samplers.BaseSampler):
+class CoarseToFineSampler(RelativeSampler):
     """``trials`` coarse (per-model) CMA-ES trials, then CMA-ES over ``space`` from the best
     coarse point; single-objective.
 
@@ -162,18 +162,6 @@ class CoarseToFineSampler(optuna.samplers.BaseSampler):
             self._fine = self._start_fine(study)
         storage.set_trial_system_attr(trial._trial_id, PHASE_KEY, "fine")
         return self._fine.sample_relative(study, trial, dict(self._space))
-
-    def sample_independent(
-        self,
-        study: optuna.Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
-
-    def reseed_rng(self) -> None:
-        self._fallback.reseed_rng()
 
     # -- the switch --------------------------------------------------------------------------
     def _coarse_asked(self, study: optuna.Study) -> int:
