@@ -74,8 +74,9 @@ class AlwaysFails(MergeWorker):
 
 
 class WithNaN(MergeWorker):
-    def _run(self, recipe_json: str, evaluators: list[Any], fraction: float) -> dict[str, Any]:
-        out = super()._run(recipe_json, evaluators, fraction)
+    def _run(self, recipe_json: str, evaluators: list[Any], fraction: float,
+             *args: Any, **kw: Any) -> dict[str, Any]:
+        out = super()._run(recipe_json, evaluators, fraction, *args, **kw)
         out["metrics"]["extra/nan"] = math.nan
         out["metrics"]["extra/inf"] = math.inf
         return out
@@ -226,7 +227,7 @@ def test_non_finite_metrics_are_stored_as_null(ray_local, search_suite, tmp_path
     for line in text.splitlines():
         json.loads(line, parse_constant=refuse)
     done = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(done) == 3
+    assert len(done) == 3, [t.user_attrs.get("error") for t in study.trials]
     for t in done:
         assert t.user_attrs["metrics"]["extra/nan"] is None
         assert t.user_attrs["nonfinite_metrics"] == ["extra/inf", "extra/nan"]
