@@ -10,8 +10,10 @@ holding the prompt (default ``prompt``).
 (after ``system``, if given) with the assistant header appended, the way an instruct model
 expects; the default stop then is only the end of the turn (EOS), so a multi-line answer (a
 pretty-printed JSON object) is not cut at its first newline. Without it the default stop is
-``"\n"``. A batch stops generating once every sequence has hit a stop string or EOS, and a
-sequence that has stopped leaves the batch (its KV-cache rows are dropped).
+``"\n"``. Generation is :mod:`evomerge.evaluators.generation`'s: the prompts' shared prefix is
+computed once per batch, a sequence that has stopped leaves the batch, and with ``speculative``
+(the default) each prompt's previous answer (from the last candidate this evaluator scored) is
+verified in one forward pass instead of being generated token by token.
 
 >>> from evomerge.config import AccuracyEvalConfig
 >>> cfg = AccuracyEvalConfig(name="accuracy", data="toy_suite/data/reverse")  # doctest: +SKIP
@@ -21,7 +23,6 @@ sequence that has stopped leaves the batch (its KV-cache rows are dropped).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from evomerge.evaluators.base import (
     subset_of,
     weighted_mean,
 )
+from evomerge.evaluators.generation import Drafts, generate_ids, left_pad, pad_id
 from evomerge.evaluators.rows import row_kind
 
 NORMALIZERS = {
@@ -61,6 +63,7 @@ class AccuracyEvaluator:
         self.metric = self.label
         default_stop = () if cfg.chat_template else ("\n",)
         self.stop: tuple[str, ...] = default_stop if cfg.stop is None else tuple(cfg.stop)
+        self.drafts = Drafts() if cfg.speculative else None
 
     def evaluate(
         self, model: Any, tokenizer: Any, *, limit: int | None = None,
@@ -81,7 +84,7 @@ class AccuracyEvaluator:
             if self.kind == "generate":
                 norm = NORMALIZERS[self.cfg.normalize]
                 outs = generate_ids(model, tokenizer, prompts, stop=self.stop, batch_size=bs,
-                                    max_new_tokens=self.cfg.max_new_tokens)
+                                    max_new_tokens=self.cfg.max_new_tokens, drafts=self.drafts)
                 hits = [norm(text) == norm(str(r["answer"]))
                         for (text, _), r in zip(outs, rows, strict=True)]
                 tokens = sum(n for _, n in outs)
@@ -129,21 +132,6 @@ def _label_index(row: dict[str, Any]) -> int:
     return label if isinstance(label, int) else row["choices"].index(label)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else tokenizer.eos_token_id)
-
-
-def _left_pad(seqs: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def generate(
     model: Any,
     tokenizer: Any,
@@ -160,89 +148,6 @@ def generate(
     outs = generate_ids(model, tokenizer, seqs, max_new_tokens=max_new_tokens, stop=stop,
                         batch_size=batch_size)
     return [text for text, _ in outs]
-
-
-def generate_ids(
-    model: Any,
-    tokenizer: Any,
-    seqs: list[list[int]],
-    *,
-    max_new_tokens: int,
-    stop: tuple[str, ...],
-    batch_size: int = 32,
-) -> list[tuple[str, int]]:
-    """``(text cut at its first stop string, tokens generated)`` for each prompt's token ids.
-
-    The tokens generated run up to and including the one that completed a stop string or was
-    EOS (at most ``max_new_tokens``). Prompts are sorted by length so a batch pads little; the
-    output keeps the input order.
-    """
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out: list[tuple[str, int]] = [("", 0)] * len(seqs)
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo : lo + batch_size]
-        news = _greedy_batch(model, tokenizer, [seqs[i] for i in idx], max_new_tokens, stop)
-        for i, new in zip(idx, news, strict=True):
-            out[i] = (_text(tokenizer, new, stop), len(new))
-    return out
-
-
-def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def _text(tokenizer: Any, new: list[int], stop: tuple[str, ...]) -> str:
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in new:
-        new = new[: new.index(eos)]
-    return _cut(tokenizer.decode(new, skip_special_tokens=True), stop)[0]
-
-
-def _greedy_batch(
-    model: Any, tokenizer: Any, seqs: list[list[int]], max_new: int, stop: tuple[str, ...]
-) -> list[list[int]]:
-    """The new token ids of each sequence, up to the one that ended it.
-
-    A sequence that has stopped leaves the batch: its rows of the KV cache, mask and positions
-    are dropped, so the batch costs what its unfinished sequences cost, and the loop ends when
-    none is left.
-    """
-    from transformers import DynamicCache
-
-    ids, mask = _left_pad(seqs, _pad_id(tokenizer), model.device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    eos = tokenizer.eos_token_id
-    new: list[list[int]] = [[] for _ in seqs]
-    alive = list(range(len(seqs)))  # batch row -> sequence
-    step_ids = ids
-    for _ in range(max_new):
-        with warnings.catch_warnings():  # transformers 5.x renames it `cache`; the dfs path
-            # model and older versions take `past_key_values` only
-            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
-            logits = model(
-                input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1]
-        for i, token in zip(alive, logits.argmax(-1).tolist(), strict=True):
-            new[i].append(token)
-        ended = [eos is not None and new[i][-1] == eos for i in alive]
-        if any(stop):  # the whole answer: a special token decodes to "" inside a stop string
-            texts = tokenizer.batch_decode([new[i] for i in alive], skip_special_tokens=True)
-            ended = [e or _cut(t, stop)[1] for e, t in zip(ended, texts, strict=True)]
-        keep = [row for row, e in enumerate(ended) if not e]
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            rows = torch.tensor(keep, device=ids.device)
-            cache.batch_select_indices(rows)
-            mask, pos = mask[rows], pos[rows]
-            alive = [alive[row] for row in keep]
-        step_ids = torch.tensor([[new[i][-1]] for i in alive], device=ids.device)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-    return new
 
 
 def choose(
@@ -276,7 +181,7 @@ def choose_counted(
 
 
 def _loglik(model: Any, tokenizer: Any, pairs: list[tuple[list[int], int]]) -> torch.Tensor:
-    ids, mask = _left_pad([p for p, _ in pairs], _pad_id(tokenizer), model.device)
+    ids, mask = left_pad([p for p, _ in pairs], pad_id(tokenizer), model.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]

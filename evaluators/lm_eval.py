@@ -48,6 +48,7 @@ from evomerge.evaluators.base import (
     subset_of,
     weighted_mean,
 )
+from evomerge.evaluators.generation import Drafts, generate_tokens, pad_id
 
 FEWSHOT_SEED = 1234  # lm_eval.simple_evaluate's default, so few-shot prompts match the CLI
 
@@ -140,10 +141,22 @@ def counting_lm_class() -> Any:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.tokens: Counter[str] = Counter()
+            self.drafts: Drafts | None = None  # set by the evaluator (``speculative``)
 
         def _count(self, requests: Any, texts: Sequence[str]) -> None:
             for req, text in zip(requests, texts, strict=True):
                 self.tokens[req.task_name] += len(self.tok_encode(text, add_special_tokens=False))
+
+        def _model_generate(self, context: Any, max_length: int, stop: list[str],
+                            **kwargs: Any) -> Any:
+            """Greedy requests on :mod:`evomerge.evaluators.generation` (see the module doc);
+            anything else (sampling, other generation arguments) on lm-eval's own path."""
+            mask = kwargs.pop("attention_mask", None)
+            if self.drafts is None or mask is None or not _greedy(kwargs):
+                return super()._model_generate(context, max_length=max_length, stop=stop,
+                                               attention_mask=mask, **kwargs)
+            return generate_like_hf(self.model, self.tokenizer, context, mask,
+                                    max_length - context.shape[1], tuple(stop), self.drafts)
 
         def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
             out = super().generate_until(requests, disable_tqdm)
@@ -159,6 +172,33 @@ def counting_lm_class() -> Any:
             return super().loglikelihood_rolling(requests, disable_tqdm)
 
     return CountingHFLM
+
+
+def _greedy(kwargs: dict[str, Any]) -> bool:
+    """Whether lm-eval's remaining generation arguments ask for plain greedy decoding."""
+    if set(kwargs) - {"do_sample", "temperature"}:
+        return False
+    return not kwargs.get("do_sample") and not kwargs.get("temperature")
+
+
+def generate_like_hf(
+    model: Any, tokenizer: Any, context: Any, mask: Any, max_new: int, stop: tuple[str, ...],
+    drafts: Drafts,
+) -> Any:
+    """What ``model.generate`` returns for a left-padded greedy batch: the context, then each
+    row's new tokens, padded with the pad token (lm-eval cuts it at the stop strings)."""
+    import torch
+
+    seqs = [row[m.bool()].tolist() for row, m in zip(context, mask, strict=True)]
+    news = generate_tokens(model, tokenizer, seqs, max_new_tokens=max_new, stop=stop,
+                           batch_size=len(seqs), drafts=drafts, special=True)
+    width = max(len(n) for n in news)
+    out = torch.full((len(seqs), context.shape[1] + width), pad_id(tokenizer),
+                     dtype=context.dtype, device=context.device)
+    out[:, : context.shape[1]] = context
+    for row, new in enumerate(news):
+        out[row, context.shape[1] : context.shape[1] + len(new)] = torch.tensor(new)
+    return out
 
 
 def scored_counts(results: dict[str, Any], tokens: Counter[str]) -> dict[str, float]:
@@ -188,12 +228,15 @@ class LmEvalEvaluator:
         self.num_examples = effective_limit(docs, cfg.limit)  # what a full evaluation scores
         self._lm: Any = None
         self._tokenizer: Any = None
+        # each prompt's last answer, kept across models (a search's candidates answer alike)
+        self.drafts = Drafts() if cfg.speculative else None
 
     def _wrap(self, model: Any, tokenizer: Any) -> Any:
         lm = self._lm
         if lm is None or lm.model is not model or self._tokenizer is not tokenizer:
             lm = counting_lm_class()(pretrained=model, tokenizer=tokenizer,
                                      batch_size=self.cfg.batch_size)
+            lm.drafts = self.drafts
             self._lm, self._tokenizer = lm, tokenizer
         return lm
 

@@ -137,6 +137,10 @@ class AccuracyEvalConfig(DataEvalConfig):
     field: str = Field("prompt", description="the row key holding the prompt (the user turn)")
     chat_template: Bool = False
     system: str | None = Field(None, description="a system turn (needs chat_template: true)")
+    speculative: Bool = Field(
+        True, description="verify each prompt's previous answer in one forward pass (greedy "
+        "output unchanged); false: generate every token"
+    )
 
     @model_validator(mode="after")
     def _system_needs_chat(self) -> AccuracyEvalConfig:
@@ -164,6 +168,10 @@ class LmEvalConfig(Strict):
     batch_size: Int = Field(32, ge=1)
     split: str = "validation"
     held_out_tasks: tuple[str, ...] = ()
+    speculative: Bool = Field(
+        True, description="greedy generate_until requests run on evomerge's generation "
+        "(shared prefix once, previous answers verified in one pass); false: lm-eval's own"
+    )
 
 
 class CostEvalConfig(Strict):

@@ -159,7 +159,7 @@ def test_early_stop_equals_generating_to_the_end_then_cutting(tiny_models, stop)
     the batch shrinks as sequences stop."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.evaluators.accuracy import generate_ids
+    from evomerge.evaluators.generation import generate_ids
     from tests.conftest import perturbed
 
     torch.set_num_threads(1)
@@ -180,10 +180,12 @@ def test_early_stop_equals_generating_to_the_end_then_cutting(tiny_models, stop)
         for bs in (1, 3):
             assert generate_ids(model, tok, seqs, max_new_tokens=12, stop=stop,
                                 batch_size=bs) == want
-    assert sizes == sorted(sizes, reverse=True) and sizes[0] == len(PROMPTS)
-    assert len(sizes) == max(n for _, n in want)  # no step after the last sequence stopped
+    assert sizes[0] == 1  # the prompts' shared prefix ("<s>" at least), once
+    steps = sizes[1:]
+    assert steps == sorted(steps, reverse=True) and steps[0] == len(PROMPTS)
+    assert len(steps) == max(n for _, n in want)  # no step after the last sequence stopped
     if len({n for _, n in want}) > 1:
-        assert sizes[-1] < sizes[0]  # finished sequences left the batch
+        assert steps[-1] < steps[0]  # finished sequences left the batch
 
 
 # -- log-likelihood --------------------------------------------------------------------------
