@@ -33,6 +33,10 @@ table gives both to reach 95 % of the final best, and the figure plots against b
     python bench/search_quality.py --rows cost --reuse   # issue 18: samplers, starts and
         # fidelity on the per-layer TA space next to the peer, the table in examples scored
     python bench/search_quality.py --rows cost --merge A B   # one table from results/A, B.json
+    python bench/search_quality.py --rows cost --methods "gp per-layer TA random subset up front" \
+        --skip-peer --reuse --confirm 3 5   # subset rows: the top k re-scored in full, after
+    python bench/search_quality.py --rows cost --methods mergekit-evolve --seeds 1 \
+        --peer-first-seed 2 --peer-seeds 1 --peer-timeout 3600   # the peer's seed 2 alone
 """
 
 from __future__ import annotations
@@ -103,7 +107,9 @@ COST_ROWS = ("cmaes per-layer TA", "cmaes per-layer TA sh 0.25", "cmaes per-laye
              "cmaes per-layer TA center", "tpe per-layer TA", "random per-layer TA",
              "gp per-layer TA", "cmaes per-layer TA anchors subset",
              "cmaes per-layer TA random subset", "cmaes per-layer TA coarse",
-             "cmaes per-layer TA adamerging", "mergekit-evolve")
+             "cmaes per-layer TA adamerging", "cmaes per-layer TA random subset up front",
+             "cmaes per-layer TA random subset 8 up front",
+             "gp per-layer TA random subset up front", "mergekit-evolve")
 AUTO = {"mode": "auto", "fractions": [0.1, 0.25, 0.5, 1.0]}  # the README's example
 
 
@@ -124,6 +130,15 @@ def cost_searches(ta: dict[str, Any], cma: dict[str, Any]) -> dict[str, dict[str
             "subset": {"method": "anchors", "size": 16, "warmup": 8}}},  # 16 of 64 per task
         "cmaes per-layer TA random subset": {"sampler": cma, "new": True, "fidelity": {
             "subset": {"method": "random", "size": 16, "warmup": 8}}},
+        # warmup 0: the subset drawn before the first trial, the baselines scored on it too
+        "cmaes per-layer TA random subset up front": {"sampler": cma, "new": True, "fidelity": {
+            "subset": {"method": "random", "size": 16, "warmup": 0}}},
+        "cmaes per-layer TA random subset 8 up front": {"sampler": cma, "new": True, "fidelity": {
+            "subset": {"method": "random", "size": 8, "warmup": 0}}},
+        "gp per-layer TA random subset up front": {"sampler": {"name": "gp"}, "new": True,
+                                                   "fidelity": {"subset": {
+                                                       "method": "random", "size": 16,
+                                                       "warmup": 0}}},
         "cmaes per-layer TA coarse": {"sampler": {**fine, "coarse": {"trials": 16}},
                                       "new": True},
         "cmaes per-layer TA adamerging": {"sampler": {**cma, "start": "adamerging"},
@@ -296,6 +311,25 @@ class HeldOut:
             for t in tasks]
         self.cache: dict[str, float] = {}
 
+    def fitness(self, recipe: dict[str, Any], limit: int) -> float:
+        """The recipe's full fitness: mean exact match on the first ``limit`` validation
+        examples per task (what a search's trial scores without a subset)."""
+        from evomerge.config import AccuracyEvalConfig
+        from evomerge.evaluators.base import build_evaluator
+        from evomerge.recipe import Recipe
+
+        if "val_evals" not in self.__dict__:
+            self.val_evals = [build_evaluator(AccuracyEvalConfig(
+                name="accuracy", data=str(self.suite / "data" / t), split="validation",
+                limit=limit, batch_size=64)) for t in suite_tasks(self.suite)]
+        key = "val:" + json.dumps(recipe, sort_keys=True)
+        if key not in self.cache:
+            model = self.ws.apply(Recipe.from_dict(recipe))
+            vals = [v for ev in self.val_evals for k, v in ev.evaluate(
+                model, self.ws.tokenizer).items() if not k.startswith("scored/")]
+            self.cache[key] = sum(vals) / len(vals)
+        return self.cache[key]
+
     def _score(self, model: Any, tok: Any) -> float:
         vals = [v for ev in self.evals for k, v in ev.evaluate(model, tok).items()
                 if not k.startswith("scored/")]  # the cost counts are no score
@@ -413,6 +447,31 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
     out = record(label, seed, values, tests, seconds, examples)
     out["examples_estimated"] = estimated
     out["candidate_s"] = candidate_s(rows)  # PS+DFS: a phase-2 (DFS) candidate
+    if args.confirm and "subset" in (spec.get("fidelity") or {}):
+        out["confirm"] = confirm_picks(rows, held, args.confirm, args.limit,
+                                       peer_examples_per_candidate(args.suite, args.limit))
+    return out
+
+
+def confirm_picks(rows: list[dict[str, Any]], held: HeldOut, ks: list[int], limit: int,
+                  per_candidate: int) -> list[dict[str, Any]]:
+    """Measured after a subset search (no option yet): its top ``k`` trials by subset
+    estimate re-scored on the whole fitness split, the best of those by the full score as the
+    incumbent. Per k: that pick's full fitness and held-out, and the examples it adds
+    (``k`` full evaluations); k = 1 is the search's own incumbent, rescored."""
+    ranked, seen = [], set()
+    for r in sorted(rows, key=lambda r: -r["value"]):  # distinct recipes, best estimate first
+        key = json.dumps(r["recipe"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            ranked.append(r)
+    out = []
+    for k in sorted({1, *ks}):
+        full = [held.fitness(r["recipe"], limit) for r in ranked[:k]]
+        pick = max(range(len(full)), key=lambda i: (full[i], -i))
+        out.append({"k": k, "estimate": ranked[pick]["value"], "full_fitness": full[pick],
+                    "test": held.recipe(ranked[pick]["recipe"]),
+                    "extra_examples": k * per_candidate})
     return out
 
 
@@ -445,7 +504,8 @@ def run_peer(args: argparse.Namespace, held: HeldOut, seed: int) -> dict[str, An
         rows = [json.loads(line) for line in log.read_text().splitlines()]
         res = {"rc": 0, "candidates": rows, "log_tail": ""}
     else:
-        res = peer.run_peer(py, cfg, tasks, run_dir, fevals=args.evals, workers=1, seed=seed + 1)
+        res = peer.run_peer(py, cfg, tasks, run_dir, fevals=args.evals, workers=1, seed=seed + 1,
+                            timeout_s=args.peer_timeout)
     if not res["candidates"]:
         print(f"mergekit-evolve seed {seed} failed:\n{res['log_tail']}", file=sys.stderr)
         return None
@@ -595,6 +655,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="reuse finished searches (and mergekit-evolve logs) found in --work "
                    "(held-out is rescored)")
     p.add_argument("--peer-seeds", type=int, help="mergekit-evolve seeds (default: --seeds)")
+    p.add_argument("--peer-timeout", type=float, default=1800, help="seconds one "
+                   "mergekit-evolve search may run (a loaded machine needs more)")
+    p.add_argument("--peer-first-seed", type=int, default=0, help="the first mergekit-evolve "
+                   "seed (e.g. 2 with --peer-seeds 1: only seed 2, to --merge with 0-1)")
+    p.add_argument("--confirm", type=int, nargs="+", metavar="K", help="subset rows: also "
+                   "re-score the top K trials by subset estimate on the whole fitness split and "
+                   "report the pick's full fitness and held-out (measured after the search)")
     p.add_argument("--name", default="search_quality", help="results/<name>.json and .png")
     p.add_argument("--rows", choices=["dfs", "cost"], help="dfs: DFS alone and PS+DFS next "
                    "to PS alone (cmaes per-model), uniform TA and the experts; no peer, no "
@@ -653,7 +720,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_adamerging(args, held, seed))
             _log(runs[-1])
     if not args.skip_peer and (not want or "mergekit-evolve" in want):
-        for seed in range(args.peer_seeds or args.seeds):
+        first = args.peer_first_seed
+        for seed in range(first, first + (args.peer_seeds or args.seeds)):
             r = run_peer(args, held, seed)
             if r:
                 runs.append(r)
@@ -685,11 +753,16 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[dict[str, 
     print(format_table(rows + compared(args.compare), cols))
     if args.rows == "cost":
         print(markdown_table(rows, cols))
+    confirm = confirm_rows(runs)
+    if confirm:
+        print(markdown_table(confirm, ["method", "k", "seeds", "extra_examples",
+                                       "full_fitness", "full_fitness_sd", "test", "test_sd"]))
     goal = targets(rows)
     print(json.dumps(goal, indent=1))
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     path = write_json(args.name, settings=settings, info=info,
-                      results={"summary": rows, "targets": goal, "runs": runs})
+                      results={"summary": rows, "targets": goal, "runs": runs,
+                               **({"confirm": confirm} if confirm else {})})
     try:  # the figure needs the bench extra (matplotlib); the JSON is written first
         png = plot(runs, f"toy suite small, {args.evals} evaluations, {args.seeds} seeds",
                    args.name)
@@ -697,6 +770,21 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[dict[str, 
         png = f"no figure ({err}; pip install -e .[bench])"
     print(f"wrote {path} and {png}", file=sys.stderr)
     return 0
+
+
+def confirm_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per subset row and k of ``--confirm``: the picks' full fitness and held-out over seeds."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in runs if r.get("confirm")):
+        picks = [c for r in runs if r["method"] == method for c in r.get("confirm") or []]
+        for k in sorted({c["k"] for c in picks}):
+            cs = [c for c in picks if c["k"] == k]
+            full, test = [c["full_fitness"] for c in cs], [c["test"] for c in cs]
+            out.append({"method": method, "k": k, "seeds": len(cs),
+                        "extra_examples": cs[0]["extra_examples"],
+                        "full_fitness": statistics.mean(full), "full_fitness_sd": _sd(full),
+                        "test": statistics.mean(test), "test_sd": _sd(test)})
+    return out
 
 
 def merged_runs(names: list[str], methods: list[str] | None

@@ -483,12 +483,23 @@ SamplerConfig = Annotated[
 class SubsetConfig(Strict):
     """``search.fidelity.subset``: after ``warmup`` candidates scored on the whole fitness split,
     score every later one on ``size`` examples per label, chosen from the warm-up candidates'
-    per-example scores (``anchors``) or at random (:mod:`evomerge.search.anchors`)."""
+    per-example scores (``anchors``) or at random (:mod:`evomerge.search.anchors`).
+    ``method: random, warmup: 0`` draws the subset before the first trial: every trial, the
+    baselines too, is scored on it."""
 
     method: Literal["anchors", "random"] = "anchors"
     size: Int = Field(ge=1, description="examples per label (per task) in the subset")
-    warmup: Int = Field(8, ge=3, description="candidates scored in full to choose it from")
+    warmup: Int = Field(8, ge=0, description="candidates scored in full to choose it from "
+                        "(random: 0 draws it up front)")
     seed: Int = 0
+
+    @model_validator(mode="after")
+    def _anchors_need_warmup(self) -> SubsetConfig:
+        if self.method == "anchors" and self.warmup < 3:
+            raise KeyedValueError("warmup", f"must be at least 3 with method: anchors (the "
+                                  f"anchors are chosen from the warm-up candidates' scores), "
+                                  f"got {self.warmup}; set warmup: 8, or method: random")
+        return self
 
 
 class FidelityConfig(Strict):

@@ -131,7 +131,8 @@ def test_lm_eval_speculative_equals_lm_eval_generate(sharp, tmp_path):
         folder = tmp_path / "data" / "t"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{split}.jsonl").write_text("".join(
-            json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(CHAT, answers)))
+            json.dumps({"prompt": p, "answer": a}) + "\n"
+            for p, a in zip(CHAT, answers, strict=True)))
     tasks = write_toy_tasks(tmp_path, ["t"])
 
     drafts_seen: list[int] = []

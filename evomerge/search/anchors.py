@@ -8,7 +8,9 @@ k-medoids groups examples that the candidates get right or wrong together, and e
 stands for its cluster, weighted by the cluster's size, so the weighted mean estimates the full
 mean (not only its order). A greedy subset that maximises Kendall tau on the warm-up candidates
 was not chosen: with 8-16 warm-up candidates it fits their few pairs and says nothing about the
-level of the score. ``random`` (seeded, weight 1) is the baseline it is compared with.
+level of the score. ``random`` (seeded, weight 1) is the baseline it is compared with; with
+``warmup: 0`` it is drawn before the first trial from the fitness split sizes the workers
+report (:func:`fitness_examples`), and every trial, the baselines too, is scored on it.
 
 Metrics are ratios of sums over examples: ``sum(s_i v_i) / sum(s_i)`` with ``v_i`` a
 candidate's score on example ``i`` and ``s_i`` its size (1 for accuracy and lm-eval, the tokens
@@ -187,6 +189,21 @@ class SubsetPolicy:
         self.state = self._choose()
         return True
 
+    def draw_up_front(self, examples: Mapping[str, int]) -> dict[str, Any]:
+        """``warmup: 0`` (``random`` only): draw the subset of every label from its number of
+        fitness examples (``examples``: label -> n, what the workers' evaluators report)
+        before any trial, so every trial, the baselines too, is scored on it; the same draw
+        as :meth:`_choose` makes with this seed after a warm-up."""
+        cfg = self.cfg
+        labels = {}
+        for label, n in sorted(examples.items()):
+            idx, wts = select_subset(np.zeros((1, int(n))), size=cfg.size, method=cfg.method,
+                                     seed=cfg.seed)
+            labels[label] = {"indices": idx, "weights": wts, "examples": int(n)}
+        self.state = {"method": cfg.method, "size": cfg.size, "seed": cfg.seed, "warmup": [],
+                      "labels": labels, "tau": {}}
+        return self.state
+
     def _choose(self) -> dict[str, Any]:
         cfg = self.cfg
         labels: dict[str, Any] = {}
@@ -232,12 +249,30 @@ def subset_line(state: Any) -> str | None:
     def fmt(ts: Sequence[float]) -> str:
         return "/".join("-" if math.isnan(t) else f"{t:.2f}" for t in ts)
 
-    line = (f"fitness subset: {state['method']}, {'/'.join(map(str, sizes))} of "
-            f"{'/'.join(map(str, total))} examples per label ({len(labels)} labels), chosen "
-            f"from {len(state['warmup'])} warm-up trials scored in full; leave-one-out "
-            f"Kendall tau of the objective on them: anchors {fmt(taus.get('anchors', []))}, "
-            f"random {fmt(taus.get('random', []))}")
-    return line
+    head = (f"fitness subset: {state['method']}, {'/'.join(map(str, sizes))} of "
+            f"{'/'.join(map(str, total))} examples per label ({len(labels)} labels), ")
+    if not state["warmup"]:
+        return head + "drawn before the first trial (no warm-up: every trial scored on it)"
+    return head + (f"chosen from {len(state['warmup'])} warm-up trials scored in full; "
+                   f"leave-one-out Kendall tau of the objective on them: anchors "
+                   f"{fmt(taus.get('anchors', []))}, random {fmt(taus.get('random', []))}")
+
+
+def fitness_examples(evaluators: Sequence[Any]) -> dict[str, int]:
+    """label -> examples a full fitness evaluation scores, per subset label: one per lm-eval
+    task (``lm_eval/<task>``), one per data evaluator (``accuracy/<label>``, ...); evaluators
+    without examples (``cost``) have none. What ``warmup: 0`` draws its subset from."""
+    from evomerge.evaluators.base import effective_limit
+
+    out: dict[str, int] = {}
+    for ev in evaluators:
+        tasks = getattr(ev, "task_dict", None)
+        if tasks is not None:  # lm_eval: its subset labels are its tasks
+            for task, t in tasks["tasks"].items():
+                out[f"lm_eval/{task}"] = effective_limit(len(t.eval_docs), ev.cfg.limit)
+        elif isinstance(getattr(ev, "label", None), str) and ev.num_examples is not None:
+            out[ev.label] = int(ev.num_examples)
+    return out
 
 
 def check_subset_job(job: Any) -> None:

@@ -127,6 +127,15 @@ class Loop:
         self.ask_ahead = ask_ahead(job, pool.size)
         self.auto = _auto_fidelity(job, study)
         self.subsets = _subset_policy(job, study)
+        if self.subsets is not None and self.subsets.state is None and not self.subsets.cfg.warmup:
+            # warmup: 0 -- drawn before the first trial, the baselines are scored on it too
+            info = getattr(pool, "info", None) or [{}]
+            examples = info[0].get("fitness_examples")
+            if not examples:
+                raise RuntimeError("search.fidelity.subset.warmup is 0 but the workers report "
+                                   "no fitness examples to draw the subset from; set warmup "
+                                   "(e.g. 8) or use accuracy, entropy or lm_eval evaluators")
+            study.set_user_attr(SUBSET_ATTR, self.subsets.draw_up_front(examples))
 
     def run(self) -> None:
         from threadpoolctl import threadpool_limits

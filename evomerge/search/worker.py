@@ -23,6 +23,7 @@ from typing import Any
 from evomerge.config import JobConfig
 from evomerge.engines import Engine, engine_factory
 from evomerge.recipe import Recipe
+from evomerge.search.anchors import fitness_examples
 
 SEARCH_KIND = "ps"  # the kind the parameter space and AdaMerging produce
 
@@ -61,7 +62,8 @@ class MergeWorker:
     def ping(self) -> dict[str, Any]:
         engine = self.engine(search_kind(self.job))
         info = {"pid": os.getpid(), "load_s": self.load_s, "num_layers": engine.num_layers,
-                "peak_rss_mb": peak_rss_mb(), **held_mb(engine)}
+                "peak_rss_mb": peak_rss_mb(), **held_mb(engine),
+                "fitness_examples": fitness_examples(self.evaluators)}
         return {**info, "node": _node_id(), "host": socket.gethostname()}
 
     def evaluate(
