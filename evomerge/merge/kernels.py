@@ -141,6 +141,9 @@ def run(kernel: Callable[..., None], *args: Any) -> None:
     :data:`COMPILE_MIN_NUMEL` elements and once compiling has failed (with one warning). Give
     1-D ``out``/``base`` and 2-D ``(K, n)`` per-model tensors (a reduction kernel: its small
     ``out`` and the ``(K, n)`` task vectors)."""
+    # Detached, views lose their ``_base``: else dynamo guards on the base's shape, and the
+    # 576 x 576 q_proj then the 192 x 576 k_proj of SmolLM2 recompiled it (19 s cold, DARE).
+    args = tuple(a.detach() for a in args)
     if kernel not in _EAGER and max(a.numel() for a in args[:2]) >= COMPILE_MIN_NUMEL:
         if kernel not in _COMPILED:
             _COMPILED[kernel] = torch.compile(kernel, dynamic=True)

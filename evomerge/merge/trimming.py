@@ -50,7 +50,7 @@ def _argsort_cpu(values: Tensor, *, descending: bool, dim: int = -1) -> Tensor:
 def _inverse(order: Tensor) -> Tensor:
     """The rank of each entry from an argsort ``order`` along the last axis (int32)."""
     ranks = torch.empty(order.shape, dtype=torch.int32)
-    steps = torch.arange(order.shape[-1], dtype=torch.int32).expand(order.shape).contiguous()
+    steps = torch.arange(order.shape[-1], dtype=torch.int32).expand(order.shape)
     return ranks.scatter_(-1, order, steps)
 
 
