@@ -115,17 +115,10 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def generate_ids(
-    model: Any,
-    tokenizer: Any,
-    seqs: list[list[int]],
-    *,
-    max_new_tokens: int,
-    stop: tuple[str, ...],
-    batch_size: int = 32,
-    drafts: Drafts | None = None,
-) -> list[tuple[str, int]]:
-    """``(text cut at its first stop string, tokens generated)`` for each prompt's token ids.
+def generate_ids(model: Any, tokenizer: Any, seqs: list[list[int]], *, stop: tuple[str, ...],
+                 **options: Any) -> list[tuple[str, int]]:
+    """``(text cut at its first stop string, tokens generated)`` for each prompt's token ids;
+    ``options`` are :func:`generate_tokens`'s (``max_new_tokens``, ``batch_size``, ``drafts``).
 
     The tokens generated run up to and including the one that completed a stop string or was
     EOS (at most ``max_new_tokens``). Prompts are sorted by length so a batch pads little; the
@@ -133,8 +126,7 @@ def generate_ids(
     first and the new answer stored.
     """
     ends = eos_ids(model, tokenizer)
-    news = generate_tokens(model, tokenizer, seqs, max_new_tokens=max_new_tokens, stop=stop,
-                           batch_size=batch_size, drafts=drafts)
+    news = generate_tokens(model, tokenizer, seqs, stop=stop, **options)
     return [(answer_text(tokenizer, new, stop, ends), len(new)) for new in news]
 
 
