@@ -103,17 +103,20 @@ def num_layers(suite: Path) -> int:
 def toy_job(suite: Path, run_dir: Path, *, evaluator: str, limit: int, workers: int,
             trials: int, layer_groups: int, sampler: dict[str, Any] | None = None,
             space: dict[str, Any] | None = None, held_out_top_k: int = 0,
-            baselines: bool = True) -> dict[str, Any]:
+            baselines: bool = True, tie_order: str | None = None,
+            speculative: bool = True) -> dict[str, Any]:
     """An evomerge job dict over the suite (parse with ``evomerge.config.parse_job``)."""
     tasks, kind = suite_tasks(suite), suite_kind(suite)
     if evaluator == "lm_eval":
         evals: list[dict[str, Any]] = [{
             "name": "lm_eval", "tasks": [f"{kind}_{t}" for t in tasks],
-            "include_path": str(suite / "tasks"), "limit": limit, "batch_size": 64}]
+            "include_path": str(suite / "tasks"), "limit": limit, "batch_size": 64,
+            "speculative": speculative}]
         metrics = [f"lm_eval/{kind}_{t}/exact_match" for t in tasks]
     else:
         evals = [{"name": "accuracy", "data": str(suite / "data" / t), "split": "validation",
-                  "limit": limit, "batch_size": 64, **_chat(kind)} for t in tasks]
+                  "limit": limit, "batch_size": 64, "speculative": speculative, **_chat(kind)}
+                 for t in tasks]
         metrics = [f"accuracy/{t}" for t in tasks]
     return {
         "name": run_dir.name, "run_dir": str(run_dir),
@@ -127,6 +130,7 @@ def toy_job(suite: Path, run_dir: Path, *, evaluator: str, limit: int, workers: 
         "evaluators": evals,
         "objectives": [{"weights": {m: 1 for m in metrics}, "direction": "maximize"}],
         "resources": {"workers": workers, "num_cpus": 1, "torch_threads": 1},
+        **({"load": {"tie_order": tie_order}} if tie_order else {}),
     }
 
 
@@ -362,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="time mergekit-yaml on the peer's first candidate (its merge seconds)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layer-groups", type=int, default=2)
+    p.add_argument("--tie-order", choices=["mergekit", "index"],
+                   help="evomerge's load.tie_order (default: the config default, mergekit)")
+    p.add_argument("--no-speculative", action="store_true",
+                   help="evaluators generate every token (speculative: false), as before 12-02")
     p.add_argument("--popsize", type=int, default=8, help="CMA-ES population, both tools")
     p.add_argument("--quick", action="store_true", help="16 trials, 16 peer evaluations")
     p.add_argument("--profile", type=float, default=0, help="py-spy seconds (1-worker lm_eval)")
@@ -386,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             label = f"evomerge {evaluator} x{w}"
             job = toy_job(suite, args.work / f"evomerge_{evaluator}_{w}", evaluator=evaluator,
                           limit=args.limit, workers=w, trials=args.trials,
-                          layer_groups=args.layer_groups,
+                          layer_groups=args.layer_groups, tie_order=args.tie_order,
+                          speculative=not args.no_speculative,
                           sampler={"name": "cmaes", "popsize": args.popsize, "sigma0": 0.25,
                                    "seed": 0})
             prof = args.profile if (evaluator == "lm_eval" and w == 1) else 0
