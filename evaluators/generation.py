@@ -143,6 +143,15 @@ def generate_tokens(
 ) -> list[list[int]]:
     """The new token ids of each prompt, up to and including the one that ended it
     (``special``: see :func:`greedy_batch`)."""
+    with torch.inference_mode():  # lm-eval calls in without a no-grad guard
+        return _generate_tokens(model, tokenizer, seqs, max_new_tokens, stop, batch_size,
+                                drafts, special)
+
+
+def _generate_tokens(
+    model: Any, tokenizer: Any, seqs: list[list[int]], max_new_tokens: int,
+    stop: tuple[str, ...], batch_size: int, drafts: Drafts | None, special: bool,
+) -> list[list[int]]:
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: list[list[int]] = [[] for _ in seqs]
     for lo in range(0, len(order), batch_size):

@@ -155,3 +155,29 @@ def test_lm_eval_speculative_equals_lm_eval_generate(sharp, tmp_path):
     assert fast == plain
     assert fast[0] == [1.0] * len(CHAT) == fast[2]
     assert fast[1] != fast[0]  # model B answers otherwise: its drafts were rejected
+
+
+def test_generation_builds_no_autograd_graph(sharp):
+    """lm-eval calls ``_model_generate`` without a no-grad guard: a forward pass through
+    parameters that require grad would keep the whole generation's graph (every step's KV
+    cache) alive, ~5 GB for 48 SmolLM2 answers. Generation runs in inference mode."""
+    model, _ = sharp
+    model.requires_grad_(True)  # as a model someone else loaded and handed over
+    tok = make_tokenizer()
+    seen: list[bool] = []
+    hook = model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits.requires_grad))
+    try:
+        generate_tokens(model, tok, [tok(p)["input_ids"] for p in CHAT], max_new_tokens=6,
+                        stop=(), batch_size=16, drafts=Drafts())
+    finally:
+        hook.remove()
+        model.requires_grad_(False)
+    assert seen and not any(seen)
+
+
+def test_loaded_models_are_frozen(tiny_models):
+    from evomerge.config import LoadConfig
+    from evomerge.merge.loading import load_model
+
+    model = load_model("base", str(tiny_models["base"]), load=LoadConfig(device="cpu"))
+    assert not any(p.requires_grad for p in model.parameters())

@@ -115,7 +115,10 @@ def safetensors_header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(name: str, source: str, *, load: LoadConfig) -> Any:
-    """Load model ``name`` from ``source`` in ``load.dtype`` on ``load.device``, in eval mode."""
+    """Load model ``name`` from ``source`` in ``load.dtype`` on ``load.device``, in eval mode,
+    its parameters frozen: a merged model is only evaluated, and a forward pass through
+    parameters that require grad keeps its whole autograd graph alive while any output is
+    held (a KV cache through a generation: ~5 GB for 48 answers of SmolLM2-135M)."""
     import transformers
 
     from evomerge.merge.reference import DTYPES
@@ -134,7 +137,7 @@ def load_model(name: str, source: str, *, load: LoadConfig) -> Any:
         )
     except OSError as err:
         raise OSError(_load_error(name, location, revision, err, load)) from err
-    return model.to(load.device).eval()
+    return model.to(load.device).eval().requires_grad_(False)
 
 
 def _model_class(config: Any) -> Any:
