@@ -35,6 +35,9 @@ table gives both to reach 95 % of the final best, and the figure plots against b
     python bench/search_quality.py --rows cost --merge A B   # one table from results/A, B.json
     python bench/search_quality.py --rows cost --methods "gp per-layer TA random subset up front" \
         --skip-peer --reuse --confirm 3 5   # subset rows: the top k re-scored in full, after
+    python bench/search_quality.py --rows cost --skip-peer \
+        --methods "gp per-layer TA random subset up front confirm 3"   # the option itself: the
+        # fitness and held-out of its pick, the examples with the 3 confirmations
     python bench/search_quality.py --rows cost --methods mergekit-evolve --seeds 1 \
         --peer-first-seed 2 --peer-seeds 1 --peer-timeout 3600   # the peer's seed 2 alone
 """
@@ -109,7 +112,8 @@ COST_ROWS = ("cmaes per-layer TA", "cmaes per-layer TA sh 0.25", "cmaes per-laye
              "cmaes per-layer TA random subset", "cmaes per-layer TA coarse",
              "cmaes per-layer TA adamerging", "cmaes per-layer TA random subset up front",
              "cmaes per-layer TA random subset 8 up front",
-             "gp per-layer TA random subset up front", "mergekit-evolve")
+             "gp per-layer TA random subset up front",
+             "gp per-layer TA random subset up front confirm 3", "mergekit-evolve")
 AUTO = {"mode": "auto", "fractions": [0.1, 0.25, 0.5, 1.0]}  # the README's example
 
 
@@ -139,6 +143,11 @@ def cost_searches(ta: dict[str, Any], cma: dict[str, Any]) -> dict[str, dict[str
                                                    "fidelity": {"subset": {
                                                        "method": "random", "size": 16,
                                                        "warmup": 0}}},
+        # the option: the top 3 by estimate re-scored in full after the last trial, the best
+        # of those the pick (its fitness is the full score, its examples include the 3)
+        "gp per-layer TA random subset up front confirm 3": {
+            "sampler": {"name": "gp"}, "new": True, "fidelity": {"subset": {
+                "method": "random", "size": 16, "warmup": 0, "confirm": 3}}},
         "cmaes per-layer TA coarse": {"sampler": {**fine, "coarse": {"trials": 16}},
                                       "new": True},
         "cmaes per-layer TA adamerging": {"sampler": {**cma, "start": "adamerging"},
@@ -430,6 +439,9 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
             return None
     else:
         rows = run_evomerge(job, reuse=args.reuse)
+    confirmed = confirmations(Path(job["run_dir"])) if _confirms(spec) else None
+    if confirmed is not None:  # the curve is the search's; the confirmations come after it
+        rows = [r for r in rows if r["number"] not in confirmed["numbers"]]
     first = phase_rows(Path(job["run_dir"])) if "then" in spec else []
     seconds = rows[-1]["end"] - min(r["start"] for r in first + rows)
     values = [r["value"] for r in first + rows]  # PS+DFS: phase 1's evaluations, then 2's
@@ -447,10 +459,36 @@ def run_one(label: str, spec: dict[str, Any], seed: int, args: argparse.Namespac
     out = record(label, seed, values, tests, seconds, examples)
     out["examples_estimated"] = estimated
     out["candidate_s"] = candidate_s(rows)  # PS+DFS: a phase-2 (DFS) candidate
+    if confirmed is not None:  # the pick is the option's: the best confirmed trial
+        test = held.recipe(confirmed["recipe"])
+        out.update(final_fitness=confirmed["value"], final_test=test,
+                   final_examples=confirmed["examples"], estimate=max(values),
+                   test_of_estimate=tests[-1][1])  # the held-out the best estimate had
+        out["held_out"] = [*tests[:-1], (tests[-1][0], test)]
     if args.confirm and "subset" in (spec.get("fidelity") or {}):
         out["confirm"] = confirm_picks(rows, held, args.confirm, args.limit,
                                        peer_examples_per_candidate(args.suite, args.limit))
     return out
+
+
+def _confirms(spec: dict[str, Any]) -> bool:
+    return bool(((spec.get("fidelity") or {}).get("subset") or {}).get("confirm"))
+
+
+def confirmations(run_dir: Path) -> dict[str, Any]:
+    """A search with ``subset.confirm``: its confirmation trials (``numbers``), the pick
+    (``recipe``; ``value``: its full fitness) by the run's own rule
+    (``evomerge.runs.results.best_trials``) and the examples of the whole search with them."""
+    from evomerge.runs.cost import run_cost
+    from evomerge.runs.results import best_trials, open_run
+    from evomerge.search.fidelity import CONFIRM_ATTR
+
+    study, job = open_run(run_dir)
+    best = best_trials(study, job)[0]
+    return {"numbers": {t.number for t in study.get_trials(deepcopy=False)
+                        if CONFIRM_ATTR in t.user_attrs},
+            "recipe": best.user_attrs["recipe"], "value": best.values[0],
+            "examples": run_cost(study, job).search.examples}
 
 
 def confirm_picks(rows: list[dict[str, Any]], held: HeldOut, ks: list[int], limit: int,

@@ -485,13 +485,25 @@ class SubsetConfig(Strict):
     score every later one on ``size`` examples per label, chosen from the warm-up candidates'
     per-example scores (``anchors``) or at random (:mod:`evomerge.search.anchors`).
     ``method: random, warmup: 0`` draws the subset before the first trial: every trial, the
-    baselines too, is scored on it."""
+    baselines too, is scored on it. ``confirm: K`` re-scores the top K trials by their subset
+    estimate on the whole fitness split after the last trial; the best of those (by the full
+    score) is then the best trial (:mod:`evomerge.search.fidelity`)."""
 
     method: Literal["anchors", "random"] = "anchors"
     size: Int = Field(ge=1, description="examples per label (per task) in the subset")
     warmup: Int = Field(8, ge=0, description="candidates scored in full to choose it from "
                         "(random: 0 draws it up front)")
     seed: Int = 0
+    confirm: Int = Field(0, description="after the last trial, re-score the top K trials by "
+                         "subset estimate on the whole fitness split (0: off)")
+
+    @field_validator("confirm")
+    @classmethod
+    def _confirm_count(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be 0 (off) or how many of the top trials to re-score on "
+                             f"the whole fitness split, e.g. 3; got {value}")
+        return value
 
     @model_validator(mode="after")
     def _anchors_need_warmup(self) -> SubsetConfig:
@@ -523,6 +535,10 @@ class FidelityConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _subset_scores_in_full(cls, data: Any) -> Any:  # no cheap rung unless one is given
+        if isinstance(data, dict) and data.get("confirm") is not None:
+            raise KeyedValueError("confirm", "confirms the estimates of a subset and is a key "
+                                  "of subset; write subset: {method: random, size: 16, "
+                                  "warmup: 0, confirm: 3}, or remove confirm")
         if isinstance(data, dict) and data.get("subset") is not None and "fractions" not in data:
             return {**data, "fractions": [1.0]}
         return data

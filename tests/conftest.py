@@ -170,3 +170,47 @@ def search_suite(tmp_path_factory) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"dir": root, "expert_tasks": tasks}
+
+
+class SubsetRun:
+    """A ``search.fidelity.subset`` search on :func:`search_suite` (random sampler, held-out
+    top 1) and the checks the subset tests share (``tests/test_subset_upfront.py``,
+    ``tests/test_anchor_subsets.py``, ``tests/test_subset_confirm.py``)."""
+
+    def __init__(self, suite: dict, run_dir: Path) -> None:
+        self.suite, self.run_dir = suite, run_dir
+
+    def job_dict(self, subset: dict, trials: int) -> dict:
+        from tests.test_search import job_dict
+
+        return job_dict(self.suite, self.run_dir, trials=trials, held_out_top_k=1,
+                        sampler={"name": "random", "seed": 2}, fidelity={"subset": subset})
+
+    def check_and_resume(self, study, job, data: dict, line: str, more: int) -> list:
+        """The held-out pass scored in full (64 test examples), the summary's ``fitness
+        subset:`` line; then ``--resume`` with ``more`` trials reuses the stored subset and
+        completes them. Returns the trials the resumed run added."""
+        from optuna.trial import TrialState
+
+        from evomerge.config import parse_job
+        from evomerge.runs.summary import run_summary
+        from evomerge.search.anchors import SUBSET_ATTR
+        from evomerge.search.driver import run_search
+
+        task = self.suite["expert_tasks"][0]
+        held = [v for k, v in study.user_attrs.items() if k.startswith("held_out:")]
+        assert held and all(h["metrics"][f"scored/examples/entropy/{task}"] == 64 for h in held)
+        assert line in " ".join(run_summary(study, job).split())
+        trials = len(study.get_trials(deepcopy=False))
+        search = {**data["search"], "trials": data["search"]["trials"] + more}
+        again = run_search(parse_job({**data, "search": search}), resume=True, progress=False)
+        assert again.user_attrs[SUBSET_ATTR] == study.user_attrs[SUBSET_ATTR]  # not drawn again
+        new = [t for t in again.get_trials(deepcopy=False) if t.number >= trials]
+        assert len([t for t in new if t.state == TrialState.COMPLETE]) == more
+        return new
+
+
+@pytest.fixture
+def subset_run(search_suite, tmp_path) -> SubsetRun:
+    """:class:`SubsetRun` in this test's ``tmp_path / "run"``."""
+    return SubsetRun(search_suite, tmp_path / "run")

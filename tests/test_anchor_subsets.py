@@ -144,18 +144,13 @@ def test_bad_subset_config_is_one_line(search_suite, tmp_path) -> None:
     assert "remove search.fidelity.subset" in msg and "\n" not in msg
 
 
-def test_a_search_scores_the_warm_up_in_full_then_the_stored_subset(
-    ray_local, search_suite, tmp_path
-):
+def test_a_search_scores_the_warm_up_in_full_then_the_stored_subset(ray_local, subset_run):
     from optuna.trial import TrialState
 
-    from evomerge.runs.summary import run_summary
     from evomerge.search.driver import run_search
 
-    tasks = search_suite["expert_tasks"]
-    data = job_dict(search_suite, tmp_path / "run", trials=8, held_out_top_k=1,
-                    sampler={"name": "random", "seed": 2},
-                    fidelity={"subset": {"method": "anchors", "size": 8, "warmup": 4}})
+    tasks = subset_run.suite["expert_tasks"]
+    data = subset_run.job_dict({"method": "anchors", "size": 8, "warmup": 4}, 8)
     job = parse_job(data)
     study = run_search(job, progress=False)
     state = study.user_attrs[SUBSET_ATTR]
@@ -171,16 +166,7 @@ def test_a_search_scores_the_warm_up_in_full_then_the_stored_subset(
     for t in later:
         assert t.state == TrialState.COMPLETE and PER_EXAMPLE_ATTR not in t.user_attrs
         assert {t.user_attrs["metrics"][f"scored/examples/entropy/{k}"] for k in tasks} == {8}
-    held = [v for k, v in study.user_attrs.items() if k.startswith("held_out:")]
-    assert held and all(h["metrics"][f"scored/examples/entropy/{tasks[0]}"] == 64 for h in held)
-    text = " ".join(run_summary(study, job).split())
-    assert "fitness subset: anchors, 8 of 32 examples per label (2 labels), chosen from 4" in text
-
-    again = run_search(parse_job({**data, "search": {**data["search"], "trials": 11}}),
-                       resume=True, progress=False)
-    assert again.user_attrs[SUBSET_ATTR] == state  # reused, not chosen again
-    new = [t for t in again.get_trials(deepcopy=False) if t.number >= len(trials)]
-    assert len([t for t in new if t.state == TrialState.COMPLETE]) == 3
-    for t in new:
+    line = "fitness subset: anchors, 8 of 32 examples per label (2 labels), chosen from 4"
+    for t in subset_run.check_and_resume(study, job, data, line, more=3):
         assert t.user_attrs.get(ON_SUBSET_ATTR) == "anchors" and not t.user_attrs.get(WARMUP_ATTR)
         assert t.user_attrs["metrics"][f"scored/examples/entropy/{tasks[0]}"] == 8

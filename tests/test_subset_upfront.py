@@ -34,19 +34,13 @@ def test_anchors_without_a_warm_up_is_one_line_naming_the_key(search_suite, tmp_
     assert parse_job(ok).search.fidelity.subset.warmup == 0
 
 
-def test_warmup_0_scores_every_trial_on_a_subset_drawn_up_front(
-    ray_local, search_suite, tmp_path
-):
+def test_warmup_0_scores_every_trial_on_a_subset_drawn_up_front(ray_local, subset_run):
     from optuna.trial import TrialState
 
-    from evomerge.runs.summary import run_summary
     from evomerge.search.driver import run_search
 
-    tasks = search_suite["expert_tasks"][:2]
-    data = job_dict(search_suite, tmp_path / "run", trials=7, held_out_top_k=1,
-                    sampler={"name": "random", "seed": 2},
-                    fidelity={"subset": {"method": "random", "size": 8, "warmup": 0,
-                                         "seed": 5}})
+    tasks = subset_run.suite["expert_tasks"][:2]
+    data = subset_run.job_dict({"method": "random", "size": 8, "warmup": 0, "seed": 5}, 7)
     job = parse_job(data)
     study = run_search(job, progress=False)
     state = study.user_attrs[SUBSET_ATTR]
@@ -62,16 +56,7 @@ def test_warmup_0_scores_every_trial_on_a_subset_drawn_up_front(
         assert t.user_attrs.get(ON_SUBSET_ATTR) == "random"
         assert not t.user_attrs.get(WARMUP_ATTR) and PER_EXAMPLE_ATTR not in t.user_attrs
         assert {t.user_attrs["metrics"][f"scored/examples/entropy/{k}"] for k in tasks} == {8}
-    held = [v for k, v in study.user_attrs.items() if k.startswith("held_out:")]
-    assert held and all(h["metrics"][f"scored/examples/entropy/{tasks[0]}"] == 64 for h in held)
-    text = " ".join(run_summary(study, job).split())
-    assert "fitness subset: random, 8 of 32 examples per label (2 labels), drawn before" in text
-
-    again = run_search(parse_job({**data, "search": {**data["search"], "trials": 9}}),
-                       resume=True, progress=False)
-    assert again.user_attrs[SUBSET_ATTR] == state  # reused, not drawn again
-    new = [t for t in again.get_trials(deepcopy=False) if t.number >= len(trials)]
-    assert len([t for t in new if t.state == TrialState.COMPLETE]) == 2
-    for t in new:
+    line = "fitness subset: random, 8 of 32 examples per label (2 labels), drawn before"
+    for t in subset_run.check_and_resume(study, job, data, line, more=2):
         assert t.user_attrs.get(ON_SUBSET_ATTR) == "random"
         assert t.user_attrs["metrics"][f"scored/examples/entropy/{tasks[0]}"] == 8

@@ -67,9 +67,14 @@ def _held(study: optuna.Study, job: JobConfig) -> dict[int, tuple[float | None, 
 
 
 def ranked_best(study: optuna.Study, job: JobConfig) -> list[FrozenTrial]:
-    """One objective: every complete trial tied on the best fitness, the winner first (better
-    held-out score, then the lower trial number). Several: the Pareto set by trial number."""
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """One objective: every trial that competes for best (all complete ones, or the ones scored
+    on the whole fitness split once the subset estimates are confirmed:
+    :func:`~evomerge.search.fidelity.contenders`) tied on the best fitness, the winner first
+    (better held-out score, then the lower trial number). Several: the Pareto set by trial
+    number."""
+    from evomerge.search.fidelity import contenders
+
+    done = contenders(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if not done:
         return []
     if len(job.objectives) > 1:
@@ -114,8 +119,11 @@ def summary_rows(study: optuna.Study, job: JobConfig) -> list[Row]:
 
 
 def _trial_name(t: FrozenTrial) -> str:
-    baseline = t.user_attrs.get("baseline")
-    return f"trial {t.number}" + (f" ({baseline})" if baseline else "")
+    from evomerge.search.fidelity import CONFIRM_ATTR
+
+    baseline, of = t.user_attrs.get("baseline"), t.user_attrs.get(CONFIRM_ATTR)
+    note = baseline or (None if of is None else f"confirms {of}")
+    return f"trial {t.number}" + (f" ({note})" if note else "")
 
 
 def busy_seconds(spans: Iterable[tuple[datetime, datetime]]) -> float:
@@ -174,6 +182,7 @@ def run_summary(study: optuna.Study, job: JobConfig, *, run: str | None = None,
     lines += fidelity_lines(study_taus(study.get_trials(deepcopy=False)))
     lines += auto_fidelity_lines(study.user_attrs.get(STUDY_ATTR))
     lines += subset_lines(study.user_attrs.get("fidelity:subset"))
+    lines += confirm_lines(study.get_trials(deepcopy=False))
     for i, o in enumerate(job.objectives, 1):
         lines.append(f"objective {i}: {objective_label(o)} ({o.direction})")
     lines.append("held-out: the objective(s) on each evaluator's held-out split")
@@ -238,6 +247,22 @@ def subset_lines(state: Any) -> list[str]:
 
     line = subset_line(state)
     return [] if line is None else textwrap.wrap(line, 100, subsequent_indent="  ")
+
+
+def confirm_lines(trials: Iterable[FrozenTrial]) -> list[str]:
+    """``confirmed: the top 3 trials by subset estimate (12, 40, 41) re-scored on the whole
+    fitness split; the best is chosen among the trials scored in full``
+    (``search.fidelity.subset.confirm``)."""
+    from evomerge.search.fidelity import CONFIRM_ATTR
+
+    of = sorted(t.user_attrs[CONFIRM_ATTR] for t in trials
+                if t.state == TrialState.COMPLETE and CONFIRM_ATTR in t.user_attrs)
+    if not of:
+        return []
+    return textwrap.wrap(f"confirmed: the top {len(of)} trials by subset estimate "
+                         f"({', '.join(map(str, of))}) re-scored on the whole fitness split; "
+                         "the best is chosen among the trials scored in full", 100,
+                         subsequent_indent="  ")
 
 
 def _workers(info: Any) -> list[str]:

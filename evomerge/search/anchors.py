@@ -189,6 +189,19 @@ class SubsetPolicy:
         self.state = self._choose()
         return True
 
+    def up_front(self, workers: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+        """``warmup: 0`` with no subset stored yet: the subset drawn now, before the first trial
+        (:meth:`draw_up_front`), from the fitness examples the first worker reports
+        (``workers``: the pool's ``info``), for the loop to store; None otherwise."""
+        if self.state is not None or self.cfg.warmup:
+            return None
+        examples = (workers or [{}])[0].get("fitness_examples")
+        if not examples:
+            raise RuntimeError("search.fidelity.subset.warmup is 0 but the workers report "
+                               "no fitness examples to draw the subset from; set warmup "
+                               "(e.g. 8) or use accuracy, entropy or lm_eval evaluators")
+        return self.draw_up_front(examples)
+
     def draw_up_front(self, examples: Mapping[str, int]) -> dict[str, Any]:
         """``warmup: 0`` (``random`` only): draw the subset of every label from its number of
         fitness examples (``examples``: label -> n, what the workers' evaluators report)
@@ -276,12 +289,31 @@ def fitness_examples(evaluators: Sequence[Any]) -> dict[str, int]:
 
 
 def check_subset_job(job: Any) -> None:
-    """ConfigError naming the evaluator that cannot score a weighted subset, when
-    ``search.fidelity.subset`` is on (``search`` or ``search.then``)."""
-    for key, fid in (("search", job.search.fidelity),
-                     ("search.then", getattr(job.search.then, "fidelity", None))):
+    """ConfigError, when ``search.fidelity.subset`` is on (``search`` or ``search.then``),
+    naming the evaluator that cannot score a weighted subset; or saying that no evaluator
+    scores examples (all ``cost``); or that ``confirm`` is set on several objectives (the
+    confirmation re-scores the top trials of one objective)."""
+    then = job.search.then
+    for key, fid, objectives in (
+        ("search", job.search.fidelity, job.objectives),
+        ("search.then", getattr(then, "fidelity", None),
+         getattr(then, "objectives", None) or job.objectives),
+    ):
         if fid is None or fid.subset is None:
             continue
+        if all(ev.name == "cost" for ev in job.evaluators):
+            raise ConfigError(
+                f"{key}.fidelity.subset: every evaluator is cost, which scores no examples, "
+                f"so there is no example to draw a subset from; add an accuracy, entropy or "
+                f"lm_eval evaluator, or remove {key}.fidelity.subset"
+            )
+        if fid.subset.confirm and len(objectives) > 1:
+            raise ConfigError(
+                f"{key}.fidelity.subset.confirm: is {fid.subset.confirm} with "
+                f"{len(objectives)} objectives, but it re-scores the top trials of one "
+                f"objective; set confirm: 0, or combine the metrics in one objective with "
+                f"'weights'"
+            )
         for i, ev in enumerate(job.evaluators):
             if ev.name not in SUBSET_EVALUATORS:
                 raise ConfigError(

@@ -6,6 +6,9 @@ and the search goes on. ``resume=True`` fails trials a dead driver left RUNNING 
 them, enqueues any baseline not enqueued yet, then continues to the budget. Any other exit of
 the loop (a stop, a failure streak, Ctrl-C) fails the trials in flight as interrupted and
 enqueues them again, so a resumed run re-runs them (the loop is :mod:`evomerge.search.loop`).
+After the budget, a subset search with ``confirm: K`` re-scores its top K trials on the whole
+fitness split (:func:`evomerge.search.fidelity.confirm_phase`), then the held-out and
+reference phases run.
 
 :class:`Search` is the search a caller drives (a service, a notebook): it reports
 :mod:`evomerge.search.progress` events to a callback and stops cleanly when asked;
@@ -21,6 +24,7 @@ from typing import Any
 import optuna
 
 from evomerge.config import JobConfig
+from evomerge.search.fidelity import search_done
 from evomerge.search.loop import Loop
 from evomerge.search.objectives import check_objectives
 from evomerge.search.pool import WorkerPool
@@ -37,7 +41,6 @@ from evomerge.search.samplers import make_sampler
 from evomerge.search.study import (
     close_study,
     closing,
-    counted_trials,
     enqueue_baselines,
     fail_interrupted,
     open_study,
@@ -214,7 +217,7 @@ class Search:
             phase = "search" if stopping() else self._phases(study, emit, stopping, on_progress)
         if phase is not None:
             self.stopped = True
-            emit(Stopped(phase, counted_trials(study), self.job.search.trials))
+            emit(Stopped(phase, search_done(study), self.job.search.trials))
         return study
 
     def _phases(
@@ -222,6 +225,7 @@ class Search:
         on_progress: OnProgress | None = None,
     ) -> str | None:
         """Start the workers, run each phase; the phase a stop skipped or cut short."""
+        from evomerge.search.fidelity import confirm_k, confirm_phase
         from evomerge.search.heldout import held_out_phase
         from evomerge.search.references import reference_phase
 
@@ -234,11 +238,11 @@ class Search:
             study.set_user_attr("evomerge:workers", pool.info)  # pid, node and host of each
             loop = Loop(job, study, self.space, pool, on_event=emit, stop=stopping)
             loop.ask_ahead = loop.ask_ahead if self.mirror else 0
-            phases: dict[str, Callable[[], Any]] = {
-                "search": loop.run,
-                "held_out": lambda: held_out_phase(job, study, pool, on_progress),
-                "reference": lambda: reference_phase(job, study, pool, on_progress),
-            }
+            phases: dict[str, Callable[[], Any]] = {"search": loop.run}
+            if confirm_k(job):  # the top subset trials re-scored in full, before held-out
+                phases["confirm"] = lambda: confirm_phase(job, study, pool, on_progress)
+            phases["held_out"] = lambda: held_out_phase(job, study, pool, on_progress)
+            phases["reference"] = lambda: reference_phase(job, study, pool, on_progress)
             for name, phase in phases.items():
                 if stopping():
                     return name
@@ -253,13 +257,19 @@ class Search:
 
 
 def _nothing_left(job: JobConfig, study: optuna.Study) -> bool:
-    """The budget is met and every held-out and reference score the phases would compute is
-    stored without an error: resuming this run has nothing to evaluate."""
+    """The budget is met, the confirmations are scored and every held-out and reference score
+    the phases would compute is stored without an error: resuming this run has nothing to
+    evaluate."""
+    from evomerge.search.fidelity import confirm_k, to_confirm
     from evomerge.search.heldout import chosen_trials, stored_held_out
     from evomerge.search.references import _scored, reference_recipes, stored_references
     from evomerge.search.worker import has_held_out
 
-    if counted_trials(study) < job.search.trials:
+    if search_done(study) < job.search.trials:
+        return False
+    maximize = study.directions[0].name == "MAXIMIZE"
+    if confirm_k(job) and to_confirm(study.get_trials(deepcopy=False), confirm_k(job),
+                                     maximize=maximize):
         return False
     if job.search.held_out_top_k == 0:
         return True

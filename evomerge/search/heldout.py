@@ -20,12 +20,16 @@ PREFIX = "held_out:"
 
 
 def chosen_trials(job: JobConfig, study: optuna.Study) -> list[FrozenTrial]:
-    """The top-k trials by objective (Pareto set for several objectives) plus the baselines."""
+    """The top-k trials by objective among those that compete for best
+    (:func:`~evomerge.search.fidelity.contenders`; the Pareto set for several objectives)
+    plus the baselines."""
+    from evomerge.search.fidelity import contenders
+
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     k = job.search.held_out_top_k
     if len(study.directions) == 1:
         sign = -1 if job.objectives[0].direction == "maximize" else 1
-        top = sorted(done, key=lambda t: sign * t.values[0])[:k]
+        top = sorted(contenders(done), key=lambda t: sign * t.values[0])[:k]
     else:
         top = sorted(study.best_trials, key=lambda t: t.number)[:k] if k else []
     base = [t for t in done if t.user_attrs.get("baseline")]

@@ -30,7 +30,7 @@ from evomerge.search.anchors import (
     WARMUP_ATTR,
     SubsetPolicy,
 )
-from evomerge.search.fidelity import promote_multi, rung_step
+from evomerge.search.fidelity import promote_multi, rung_step, search_done
 from evomerge.search.objectives import objective_values
 from evomerge.search.pool import WorkerPool
 from evomerge.search.progress import OnEvent, Tracker, ignore
@@ -42,7 +42,7 @@ from evomerge.search.rank_fidelity import (
     rung_scores,
     stored_probes,
 )
-from evomerge.search.study import counted_trials, fail_interrupted, json_metrics, requeue
+from evomerge.search.study import fail_interrupted, json_metrics, requeue
 
 STOP_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
 
@@ -117,7 +117,7 @@ class Loop:
         self.rf = fid.reduction_factor if fid else 2
         self.signs = [1 if o.direction == "maximize" else -1 for o in job.objectives]
         self.rung_history: dict[int, list[list[float]]] = {}
-        self.done = counted_trials(study)
+        self.done = search_done(study)
         self.fail_streak = 0
         self.tracker = Tracker(study, budget=job.search.trials, done=self.done)
         self.on_event = on_event or ignore
@@ -127,15 +127,9 @@ class Loop:
         self.ask_ahead = ask_ahead(job, pool.size)
         self.auto = _auto_fidelity(job, study)
         self.subsets = _subset_policy(job, study)
-        if self.subsets is not None and self.subsets.state is None and not self.subsets.cfg.warmup:
-            # warmup: 0 -- drawn before the first trial, the baselines are scored on it too
-            info = getattr(pool, "info", None) or [{}]
-            examples = info[0].get("fitness_examples")
-            if not examples:
-                raise RuntimeError("search.fidelity.subset.warmup is 0 but the workers report "
-                                   "no fitness examples to draw the subset from; set warmup "
-                                   "(e.g. 8) or use accuracy, entropy or lm_eval evaluators")
-            study.set_user_attr(SUBSET_ATTR, self.subsets.draw_up_front(examples))
+        drawn = self.subsets.up_front(getattr(pool, "info", None)) if self.subsets else None
+        if drawn is not None:  # warmup: 0, before the first trial
+            study.set_user_attr(SUBSET_ATTR, drawn)
 
     def run(self) -> None:
         from threadpoolctl import threadpool_limits
@@ -278,6 +272,9 @@ class Loop:
                     # from the ask (or a promotion) to the worker starting the call
                     "queue_s": max(0.0, result.get("started", cand.submitted) - cand.submitted),
                     "pid": result.get("pid"),
+                    # the worker's memory after this trial, and its peak so far
+                    "rss_mb": result.get("rss_mb"),
+                    "peak_rss_mb": result.get("peak_rss_mb"),
                 },
             )
         if len(cand.rungs) > 1 or (cand.rungs and state != TrialState.COMPLETE):
@@ -298,8 +295,9 @@ class Loop:
         self.done += 1
         self.fail_streak = self.fail_streak + 1 if state == TrialState.FAIL else 0
         worker = None if result is None else result.get("pid")
+        marks = {ON_SUBSET_ATTR: True} if cand.subset and not cand.per_example else {}
         self.on_event(self.tracker.finished(t.number, state, values, error, done=self.done,
-                                            worker=worker))
+                                            worker=worker, attrs=marks))
         limit = max(3, 2 * self.pool.size)
         if self.fail_streak >= limit:
             raise RuntimeError(

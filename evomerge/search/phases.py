@@ -27,7 +27,7 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.config import JobConfig, default_dfs_models, parse_job
 from evomerge.recipe import Recipe, ps_recipe
@@ -66,16 +66,22 @@ def dfs_job(job: JobConfig, winner: Recipe) -> JobConfig:
     return parse_job(data, source=f"phase 2 of {job.name!r}")
 
 
-def pick_winner(study: optuna.Study) -> tuple[int, Recipe]:
-    """The best completed trial of phase 1 by its (fitness-split) objective value."""
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+def pick_winner(study: optuna.Study) -> tuple[FrozenTrial, Recipe]:
+    """The best trial of phase 1 by its (fitness-split) objective value among those that
+    compete for best (:func:`~evomerge.search.fidelity.contenders`: the confirmed ones when
+    phase 1 confirmed its subset estimates); ties go to the lower trial number."""
+    from evomerge.search.fidelity import contenders
+
+    found = contenders(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if not found:
         raise RuntimeError(
             f"phase 1 (study {study.study_name!r}) has no completed trial, so there is no "
             "winner for phase 2; see `evomerge results` for the errors, fix them and --resume"
         )
-    best = study.best_trial
-    return best.number, ps_recipe(Recipe.from_dict(best.user_attrs["recipe"]), user="phase 2",
-                                  fix="phase 1 must be a ps search over model folders")
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    best = max(found, key=lambda t: (sign * t.values[0], -t.number))
+    return best, ps_recipe(Recipe.from_dict(best.user_attrs["recipe"]), user="phase 2",
+                           fix="phase 1 must be a ps search over model folders")
 
 
 def _read_study(job: JobConfig, url: str | None, name: str) -> optuna.Study | None:
@@ -175,11 +181,11 @@ class PhasedSearch:
         if self.current.stopped or self.current.phase == "dfs":
             self.stopped = self.current.stopped
             return study
-        number, winner = pick_winner(study)
+        best, winner = pick_winner(study)
         self._set(self._dfs_search(winner, resume=self.resume))
         phase2 = self.current.prepare()
         phase2.set_user_attr(WINNER_ATTR, {
-            "study": study.study_name, "trial": number, "values": study.best_trial.values,
+            "study": study.study_name, "trial": best.number, "values": best.values,
             "recipe": winner.to_dict(),
         })
         study = self.current.run(on_event=on_event, stop=stop, on_progress=on_progress)

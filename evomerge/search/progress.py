@@ -2,13 +2,15 @@
 
 :class:`evomerge.search.driver.Search` hands each event to one ``on_event`` callback, in order, in
 the thread that runs the search. A search that runs to its end sends, per phase (``search``,
-``held_out``, ``reference``), a :class:`PhaseStarted`, then (in ``search``) one
-:class:`TrialFinished` per tell, then a :class:`PhaseFinished`. A stopped search ends with
-:class:`Stopped` instead, sent once the writer lock is released and Ray is shut down.
+``confirm`` when ``search.fidelity.subset.confirm`` is set, ``held_out``, ``reference``), a
+:class:`PhaseStarted`, then (in ``search``) one :class:`TrialFinished` per tell, then a
+:class:`PhaseFinished`. A stopped search ends with :class:`Stopped` instead, sent once the
+writer lock is released and Ray is shut down.
 
 Steps of a phase that take seconds without a trial to show for it (starting Ray, loading the
-workers, the held-out and reference evaluations) go to a second callback, ``on_progress``, as
-:class:`Progress` events, so that the event stream above stays one event per phase and trial.
+workers, the confirmations, the held-out and reference evaluations) go to a second callback,
+``on_progress``, as :class:`Progress` events, so that the event stream above stays one event
+per phase and trial.
 
 The best value is tracked from the values the driver tells, not read back from storage: a
 storage read per trial would make the driver's cost grow with the study. The held-out score of
@@ -24,14 +26,14 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-PHASES = ("search", "held_out", "reference")
+PHASES = ("search", "confirm", "held_out", "reference")  # confirm: a subset with confirm > 0
 TICK_S = 1.0  # how often an open bar redraws its clock while no event comes (starting Ray: 30 s)
 
 
@@ -78,7 +80,8 @@ class Stopped:
 @dataclass(frozen=True)
 class Progress:
     """``done`` of ``total`` units of a step: ``ray`` (starting Ray, 0/1 then 1/1),
-    ``workers`` (workers ready), ``held_out`` and ``reference`` (evaluations done)."""
+    ``workers`` (workers ready), ``confirm``, ``held_out`` and ``reference`` (evaluations
+    done)."""
 
     step: str
     done: int
@@ -90,6 +93,7 @@ class Progress:
 STEP_TEXT = {  # (bar description, log-line verb)
     "ray": ("starting Ray", "started"),
     "workers": ("workers ready", "ready"),
+    "confirm": ("confirmations", "done"),
     "held_out": ("held-out", "done"),
     "reference": ("references", "done"),
 }
@@ -123,7 +127,10 @@ def ignore(event: Any) -> None:
 class Tracker:
     """Turns the driver's tells into :class:`TrialFinished` events. The held-out scores stored
     when it starts (a resumed run's) are read once, with the objective of the job stored in the
-    study; a tie on the best value goes to the better held-out score, as in the run summary."""
+    study; a tie on the best value goes to the better held-out score, as in the run summary.
+    Once the study has a confirmation of its subset estimates, the best is the best of the
+    trials that compete then (:func:`~evomerge.search.fidelity.competes`: those scored on the
+    whole fitness split), as everywhere else."""
 
     def __init__(self, study: optuna.Study, *, budget: int, done: int) -> None:
         from evomerge.search.heldout import held_out_scores
@@ -135,20 +142,30 @@ class Tracker:
             self.sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
         self.best: float = -math.inf
         self.best_trial: int | None = None
+        self.confirmed = False  # a confirmation was seen: the best of the full scores counts
+        self.bests: dict[bool, tuple[float, int | None]] = {  # by ``confirmed``
+            False: (-math.inf, None), True: (-math.inf, None)}
         self.warm: set[Any] = set()  # the workers that finished their first trial
         self.steady = 0  # trials finished after their worker's first one
         self.steady_since: float | None = None  # when the first worker's first trial ended
         self.held = held_out_scores(study) if self.sign else {}
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            self._seen(t.number, t.values)
+            self._seen(t.number, t.values, t.user_attrs)
 
-    def _seen(self, number: int, values: list[float] | None) -> None:
+    def _seen(self, number: int, values: list[float] | None, attrs: Mapping[str, Any]) -> None:
+        """Keep the best of every trial and the best of those that compete once confirmed;
+        report the one the study's state (:attr:`confirmed`) calls for."""
+        from evomerge.search.fidelity import CONFIRM_ATTR, competes
+
         if not values or not self.sign:
             return
+        self.confirmed = self.confirmed or CONFIRM_ATTR in attrs
         value = self.sign * values[0]
-        tie = value == self.best and self._held(number) > self._held(self.best_trial)
-        if value > self.best or tie:
-            self.best, self.best_trial = value, number
+        for confirmed, (best, trial) in list(self.bests.items()):
+            tie = value == best and self._held(number) > self._held(trial)
+            if competes(attrs, confirmed) and (value > best or tie):
+                self.bests[confirmed] = (value, number)
+        self.best, self.best_trial = self.bests[self.confirmed]
 
     def _held_out(self, number: int | None) -> float | None:
         return None if number is None else self.held.get(number)
@@ -160,9 +177,11 @@ class Tracker:
 
     def finished(
         self, number: int, state: TrialState, values: list[float] | None, error: str | None,
-        *, done: int, worker: Any = None,
+        *, done: int, worker: Any = None, attrs: Mapping[str, Any] | None = None,
     ) -> TrialFinished:
-        self._seen(number, values)
+        """The event of one tell; ``attrs``: the trial's user attrs that
+        :func:`~evomerge.search.fidelity.competes` reads (its subset mark)."""
+        self._seen(number, values, attrs or {})
         now = time.monotonic()
         elapsed = now - self.start
         eta = self._eta(worker, now, done)
