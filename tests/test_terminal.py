@@ -102,6 +102,7 @@ def test_search_on_a_terminal_shows_each_step_then_the_summary(search_suite, tmp
     study, _ = open_run(run_dir)
     timing = [t.user_attrs["timing"] for t in study.trials]
     assert all(t["queue_s"] >= 0 and t["merge_s"] > 0 and t["eval_s"] > 0 for t in timing)
+    assert all(50 < t["rss_mb"] <= t["peak_rss_mb"] for t in timing)  # each worker's memory
     workers = study.user_attrs["evomerge:workers"]
     assert len(workers) == 2 and all(w["peak_rss_mb"] > 50 and w["load_s"] > 0 for w in workers)
 

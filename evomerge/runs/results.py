@@ -174,6 +174,7 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
         timing = t.user_attrs.get("timing", {})  # queue_s: from the ask to the worker starting
         for k in ("merge_s", "eval_s", "queue_s"):
             row[k] = timing.get(k)
+        row["worker_peak_mb"] = timing.get("peak_rss_mb")  # the worker's peak RSS so far
         row["error"] = t.user_attrs.get("error", "")
         rows.append(row)
     rows += _reference_rows(study, job, costs)
