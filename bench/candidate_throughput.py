@@ -104,7 +104,7 @@ def toy_job(suite: Path, run_dir: Path, *, evaluator: str, limit: int, workers: 
             trials: int, layer_groups: int, sampler: dict[str, Any] | None = None,
             space: dict[str, Any] | None = None, held_out_top_k: int = 0,
             baselines: bool = True, tie_order: str | None = None,
-            speculative: bool = True) -> dict[str, Any]:
+            speculative: bool = True, torch_threads: int = 1) -> dict[str, Any]:
     """An evomerge job dict over the suite (parse with ``evomerge.config.parse_job``)."""
     tasks, kind = suite_tasks(suite), suite_kind(suite)
     if evaluator == "lm_eval":
@@ -129,7 +129,7 @@ def toy_job(suite: Path, run_dir: Path, *, evaluator: str, limit: int, workers: 
             "trials": trials, "baselines": baselines, "held_out_top_k": held_out_top_k},
         "evaluators": evals,
         "objectives": [{"weights": {m: 1 for m in metrics}, "direction": "maximize"}],
-        "resources": {"workers": workers, "num_cpus": 1, "torch_threads": 1},
+        "resources": {"workers": workers, "num_cpus": 1, "torch_threads": torch_threads},
         **({"load": {"tie_order": tie_order}} if tie_order else {}),
     }
 
@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time mergekit-yaml on the peer's first candidate (its merge seconds)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layer-groups", type=int, default=2)
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads per evomerge worker (2 for one worker on 2 cores)")
     p.add_argument("--tie-order", choices=["mergekit", "index"],
                    help="evomerge's load.tie_order (default: the config default, mergekit)")
     p.add_argument("--no-speculative", action="store_true",
@@ -391,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(evomerge_summary(label, run))
     for evaluator in args.evaluators if not (args.peer_only or args.skip_evomerge) else ():
         for w in args.workers:
-            label = f"evomerge {evaluator} x{w}"
+            label = f"evomerge {evaluator} x{w}" + (
+                f" ({args.torch_threads} threads)" if args.torch_threads > 1 else "")
             job = toy_job(suite, args.work / f"evomerge_{evaluator}_{w}", evaluator=evaluator,
                           limit=args.limit, workers=w, trials=args.trials,
                           layer_groups=args.layer_groups, tie_order=args.tie_order,
-                          speculative=not args.no_speculative,
+                          speculative=not args.no_speculative, torch_threads=args.torch_threads,
                           sampler={"name": "cmaes", "popsize": args.popsize, "sigma0": 0.25,
                                    "seed": 0})
             prof = args.profile if (evaluator == "lm_eval" and w == 1) else 0
