@@ -17,9 +17,9 @@ from evomerge.search.fidelity import (
     CONFIRM_ATTR,
     confirmation,
     contenders,
-    search_done,
     to_confirm,
 )
+from evomerge.search.study import counted_trials
 from evomerge.strict import ConfigError
 from tests.test_search import job_dict
 
@@ -121,7 +121,7 @@ def test_confirmed_trials_win_everywhere_once_the_study_has_them(search_suite, t
     assert winner.number == 6 and recipe.to_dict() == study.trials[2].user_attrs["recipe"]
     view = summary(study, job, {"state": "done"})
     assert (view["best_trial"], view["best"], view["done"]) == (6, 0.78, 5)
-    assert search_done(study) == 5
+    assert counted_trials(study) == 5
     assert Tracker(study, budget=5, done=5).best_trial == 6  # a resumed run's tracker
     for t in study.trials[5:]:  # the live tracker, told of the confirmations as they come
         event = live.finished(t.number, TrialState.COMPLETE, t.values, None, done=5,
@@ -153,7 +153,7 @@ def test_a_killed_confirmation_resumes_without_rescoring(ray_local, subset_run) 
     with pytest.raises(Killed):
         first.run(on_progress=kill)
     searched = first.study.get_trials(deepcopy=False)
-    assert len(searched) == 8 and search_done(first.study) == 7
+    assert len(searched) == 8 and counted_trials(first.study) == 7
     want = sorted(t.number for t in to_confirm(searched[:7], 3, maximize=False))
     assert len(want) == 3 and searched[7].user_attrs[CONFIRM_ATTR] in want
 
@@ -179,7 +179,7 @@ def test_a_killed_confirmation_resumes_without_rescoring(ray_local, subset_run) 
     more = parse_job({**data, "search": {**data["search"], "trials": 8}})
     study = Search(more, resume=True).run()  # one more trial: the confirmations are not budget
     trials = study.get_trials(deepcopy=False)
-    assert search_done(study) == 8 and len([t for t in trials if ON_SUBSET_ATTR in
+    assert counted_trials(study) == 8 and len([t for t in trials if ON_SUBSET_ATTR in
                                             t.user_attrs]) == 8
     of = [t.user_attrs[CONFIRM_ATTR] for t in trials if CONFIRM_ATTR in t.user_attrs]
     assert len(of) == len(set(of)) and to_confirm(trials, 3, maximize=False) == []

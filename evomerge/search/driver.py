@@ -24,7 +24,6 @@ from typing import Any
 import optuna
 
 from evomerge.config import JobConfig
-from evomerge.search.fidelity import search_done
 from evomerge.search.loop import Loop
 from evomerge.search.objectives import check_objectives
 from evomerge.search.pool import WorkerPool
@@ -41,6 +40,7 @@ from evomerge.search.samplers import make_sampler
 from evomerge.search.study import (
     close_study,
     closing,
+    counted_trials,
     enqueue_baselines,
     fail_interrupted,
     open_study,
@@ -217,7 +217,7 @@ class Search:
             phase = "search" if stopping() else self._phases(study, emit, stopping, on_progress)
         if phase is not None:
             self.stopped = True
-            emit(Stopped(phase, search_done(study), self.job.search.trials))
+            emit(Stopped(phase, counted_trials(study), self.job.search.trials))
         return study
 
     def _phases(
@@ -265,7 +265,7 @@ def _nothing_left(job: JobConfig, study: optuna.Study) -> bool:
     from evomerge.search.references import _scored, reference_recipes, stored_references
     from evomerge.search.worker import has_held_out
 
-    if search_done(study) < job.search.trials:
+    if counted_trials(study) < job.search.trials:
         return False
     maximize = study.directions[0].name == "MAXIMIZE"
     if confirm_k(job) and to_confirm(study.get_trials(deepcopy=False), confirm_k(job),

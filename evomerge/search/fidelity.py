@@ -29,8 +29,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.search.anchors import ON_SUBSET_ATTR
-
-CONFIRM_ATTR = "confirm_of"  # trial user attr of a confirmation: the trial number it re-scored
+from evomerge.search.study import CONFIRM_ATTR
 
 
 def rung_step(rung: int, reduction_factor: int) -> int:
@@ -80,15 +79,13 @@ def contenders(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in done if competes(t.user_attrs, confirmed)]
 
 
-def search_done(study: Any) -> int:
-    """Trials that count toward ``search.trials``: :func:`~evomerge.search.study.counted_trials`
-    less the confirmations, which run after the budget is met and are not search trials."""
-    from evomerge.search.study import counted_trials
-
-    extra = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                     TrialState.FAIL))
-                if CONFIRM_ATTR in t.user_attrs)
-    return counted_trials(study) - extra
+def best_contender(trials: Iterable[FrozenTrial], maximize: bool) -> FrozenTrial | None:
+    """The best of :func:`contenders` by the first objective (ties: the lower trial number)."""
+    found = contenders(trials)
+    if not found:
+        return None
+    sign = 1.0 if maximize else -1.0
+    return max(found, key=lambda t: (sign * t.values[0], -t.number))
 
 
 def confirm_k(job: Any) -> int:
@@ -179,11 +176,9 @@ def confirmation(job: Any, of: FrozenTrial, result: Mapping[str, Any] | None,
 
 def best_line(study: Any, maximize: bool) -> str:
     """``best trial 70 (confirms 12): 0.7712 on the whole fitness split (estimate 0.8125)``."""
-    found = contenders(study.get_trials(deepcopy=False))
-    if not found:
+    best = best_contender(study.get_trials(deepcopy=False), maximize)
+    if best is None:
         return ""
-    sign = 1.0 if maximize else -1.0
-    best = max(found, key=lambda t: (sign * t.values[0], -t.number))
     of = best.user_attrs.get(CONFIRM_ATTR)
     if of is None:
         return f"best trial {best.number}: {best.values[0]:.4g} on the whole fitness split"

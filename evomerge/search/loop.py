@@ -30,7 +30,7 @@ from evomerge.search.anchors import (
     WARMUP_ATTR,
     SubsetPolicy,
 )
-from evomerge.search.fidelity import promote_multi, rung_step, search_done
+from evomerge.search.fidelity import promote_multi, rung_step
 from evomerge.search.objectives import objective_values
 from evomerge.search.pool import WorkerPool
 from evomerge.search.progress import OnEvent, Tracker, ignore
@@ -42,7 +42,7 @@ from evomerge.search.rank_fidelity import (
     rung_scores,
     stored_probes,
 )
-from evomerge.search.study import fail_interrupted, json_metrics, requeue
+from evomerge.search.study import counted_trials, fail_interrupted, json_metrics, requeue
 
 STOP_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
 
@@ -117,7 +117,7 @@ class Loop:
         self.rf = fid.reduction_factor if fid else 2
         self.signs = [1 if o.direction == "maximize" else -1 for o in job.objectives]
         self.rung_history: dict[int, list[list[float]]] = {}
-        self.done = search_done(study)
+        self.done = counted_trials(study)
         self.fail_streak = 0
         self.tracker = Tracker(study, budget=job.search.trials, done=self.done)
         self.on_event = on_event or ignore

@@ -70,16 +70,15 @@ def pick_winner(study: optuna.Study) -> tuple[FrozenTrial, Recipe]:
     """The best trial of phase 1 by its (fitness-split) objective value among those that
     compete for best (:func:`~evomerge.search.fidelity.contenders`: the confirmed ones when
     phase 1 confirmed its subset estimates); ties go to the lower trial number."""
-    from evomerge.search.fidelity import contenders
+    from evomerge.search.fidelity import best_contender
 
-    found = contenders(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if not found:
+    best = best_contender(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                          study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    if best is None:
         raise RuntimeError(
             f"phase 1 (study {study.study_name!r}) has no completed trial, so there is no "
             "winner for phase 2; see `evomerge results` for the errors, fix them and --resume"
         )
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    best = max(found, key=lambda t: (sign * t.values[0], -t.number))
     return best, ps_recipe(Recipe.from_dict(best.user_attrs["recipe"]), user="phase 2",
                            fix="phase 1 must be a ps search over model folders")
 

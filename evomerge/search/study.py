@@ -24,6 +24,7 @@ from evomerge.search.storage import (
 )
 
 INTERRUPTED = "interrupted"
+CONFIRM_ATTR = "confirm_of"  # a confirmation: the trial number whose subset estimate it re-scored
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -246,11 +247,12 @@ def json_metrics(metrics: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count toward the budget: finished, and not failed by an interruption."""
+    """Trials that count toward the budget: finished, not failed by an interruption, and not a
+    confirmation (``subset.confirm``: scored after the budget, not a search trial)."""
     return sum(
         1
         for t in study.get_trials(deepcopy=False, states=COUNTED)
-        if not t.user_attrs.get(INTERRUPTED)
+        if not t.user_attrs.get(INTERRUPTED) and CONFIRM_ATTR not in t.user_attrs
     )
 
 

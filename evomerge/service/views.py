@@ -51,8 +51,9 @@ def summary(study: optuna.Study | None, job: JobConfig, status: Mapping[str, Any
     """A job list entry: state, done/budget, best, held-out of the best, timing."""
     from optuna.trial import TrialState
 
-    from evomerge.search.fidelity import contenders, search_done
+    from evomerge.search.fidelity import best_contender
     from evomerge.search.heldout import stored_held_out
+    from evomerge.search.study import counted_trials
 
     out: dict[str, Any] = {
         "name": job.name, "state": status.get("state"), "error": status.get("error"),
@@ -63,7 +64,7 @@ def summary(study: optuna.Study | None, job: JobConfig, status: Mapping[str, Any
     if study is None:
         return out
     trials = study.get_trials(deepcopy=False)
-    out["done"] = search_done(study)
+    out["done"] = counted_trials(study)
     starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
     ends = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
     if starts:
@@ -73,9 +74,8 @@ def summary(study: optuna.Study | None, job: JobConfig, status: Mapping[str, Any
         if out["elapsed_s"] > 0:
             out["evals_per_min"] = out["done"] / (out["elapsed_s"] / 60)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    if done and len(job.objectives) == 1:
-        sign = 1 if job.objectives[0].direction == "maximize" else -1
-        best = max(contenders(done), key=lambda t: sign * t.values[0])  # confirmed ones
+    best = best_contender(done, job.objectives[0].direction == "maximize")  # confirmed ones
+    if best is not None and len(job.objectives) == 1:
         out["best"], out["best_trial"] = best.values[0], best.number
         out["held_out_best"] = stored_held_out(study).get(best.number, {}).get("metrics")
     elif done:
