@@ -201,9 +201,8 @@ def held_bytes(ws) -> dict[str, int]:
 
     sorts = [s for cache in ws.sorts._sorted.values() if cache for v in cache.values()
              for s in (v.values, v.order)]
-    dare = [t for v in (ws.dare._cached or {}).values() for t in v]
     return {"model": size(ws.model.parameters()), "base": size(ws._base.values()),
-            "task_vectors": size(ws._deltas.values()), "caches": size(sorts) + size(dare)
+            "task_vectors": size(ws._deltas.values()), "caches": size(sorts)
             + size((ws.della._cached or {}).values())}
 
 

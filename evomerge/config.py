@@ -83,8 +83,8 @@ class LoadConfig(Strict):
     allow_pickle: Bool = False
     trust_remote_code: Bool = False
     merge_cache_bytes: Int | None = Field(
-        None, ge=0, description="cap on each merge cache (TIES tables, DARE levels); "
-        "None: half the free device memory"
+        None, ge=0, description="cap on each merge cache (TIES argsort orders, DELLA ranks; "
+        "DARE needs none); None: half the free device memory"
     )
     tie_order: Literal["mergekit", "index"] = Field(
         "mergekit", description="which tied entries TIES/breadcrumbs keep where a trim bound "

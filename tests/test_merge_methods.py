@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from evomerge.merge import levels as lv
 from evomerge.merge import merge_methods as mm
 from evomerge.merge import trimming
 from evomerge.merge.coefficients import layer_index, per_layer, resolve
@@ -133,13 +134,13 @@ def test_dare_drop_rate_and_mean_are_preserved():
     base = torch.zeros(n)
     tau = 1.0 + 0.5 * torch.randn(n, generator=gen)
     out = mm.dare_linear(base, tau[None], weight=[1.0], density=0.3,
-                         generators=[mm.dare_generator(0, "w", "a")])
+                         level_keys=[lv.level_key(0, "w", "a")])
     kept = (out != 0).float().mean().item()
     assert kept == pytest.approx(0.3, abs=0.005)
     assert out.mean().item() == pytest.approx(tau.mean().item(), rel=0.01)
     assert out.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-4)
     plain = mm.dare_linear(base, tau[None], weight=[1.0], density=0.3, rescale=False,
-                           generators=[mm.dare_generator(0, "w", "a")])
+                           level_keys=[lv.level_key(0, "w", "a")])
     assert torch.equal(plain[plain != 0], tau[plain != 0])
 
 
@@ -147,14 +148,14 @@ def test_dare_masks_are_seeded_by_seed_tensor_and_model():
     base, t = torch.zeros(1000), torch.ones(2, 1000)
 
     def run(seed, tensor):
-        gens = [mm.dare_generator(seed, tensor, m) for m in ("a", "b")]
-        return mm.dare_ties(base, t, weight=[1.0, 1.0], density=0.5, generators=gens)
+        keys = [lv.level_key(seed, tensor, m) for m in ("a", "b")]
+        return mm.dare_ties(base, t, weight=[1.0, 1.0], density=0.5, level_keys=keys)
 
     assert torch.equal(run(1, "w"), run(1, "w"))
     assert not torch.equal(run(1, "w"), run(2, "w"))
     assert not torch.equal(run(1, "w"), run(1, "v"))
-    g_a, g_b = mm.dare_generator(1, "w", "a"), mm.dare_generator(1, "w", "b")
-    assert not torch.equal(torch.rand(100, generator=g_a), torch.rand(100, generator=g_b))
+    a = lv.dare_levels((100,), lv.level_key(1, "w", "a"))
+    assert not torch.equal(a, lv.dare_levels((100,), lv.level_key(1, "w", "b")))
 
 
 def test_della_keeps_larger_magnitudes_more_often():
@@ -163,9 +164,9 @@ def test_della_keeps_larger_magnitudes_more_often():
     gen = torch.Generator().manual_seed(0)
     tau = torch.randn(400, 500, generator=gen)
     base = torch.zeros_like(tau)
-    gens = [mm.dare_generator(3, "w", "a")]
+    keys = [lv.level_key(3, "w", "a")]
     out = mm.della_linear(base, tau[None], weight=[1.0], density=0.5, epsilon=0.3,
-                          generators=gens)
+                          level_keys=keys)
     ranks = trimming.row_ranks(tau.abs()).reshape(tau.shape)
     kept = out != 0
     for lo, hi in ((0, 50), (225, 275), (450, 500)):
@@ -174,10 +175,10 @@ def test_della_keeps_larger_magnitudes_more_often():
         assert kept[band].float().mean().item() == pytest.approx(expected, abs=0.01)
     assert out.abs().sum().item() == pytest.approx(tau.abs().sum().item(), rel=1e-4)
     again = mm.della_linear(base, tau[None], weight=[1.0], density=0.5, epsilon=0.3,
-                            generators=[mm.dare_generator(3, "w", "a")])
+                            level_keys=[lv.level_key(3, "w", "a")])
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="density 0.9 \\+/- epsilon 0.15.*lower epsilon"):
-        mm.della(base, tau[None], weight=[1.0], density=0.9, epsilon=0.15, generators=gens)
+        mm.della(base, tau[None], weight=[1.0], density=0.9, epsilon=0.15, level_keys=keys)
 
 
 def test_della_table_edges():

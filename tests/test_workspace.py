@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evomerge.merge.merge_cache import pack_levels, unpack_levels
 from evomerge.merge.methods_spec import METHODS
 from evomerge.merge.reference import merge_state_dicts
 from evomerge.merge.workspace import Workspace, merge_to_folder
@@ -97,10 +96,8 @@ def test_without_cache_memory_the_result_is_the_same(name, sources, state_dicts,
     """No memory for caches: ranks sorted again and random levels drawn per candidate."""
     recipe = make(name, sources)
     live = snapshot(uncached_workspace.apply(recipe))
-    if "dare" in name:
-        assert uncached_workspace.dare._cached is None
-    elif name == "della":
-        assert uncached_workspace.della._cached is None
+    if name == "della":
+        assert not uncached_workspace.della._cached
     else:  # bounds by selection; no tie is cut on these random weights, so no sort at all
         assert uncached_workspace.sorts.cached(METHODS[name].sparsifier) is None
         assert uncached_workspace.sorts.nbytes() == 0
@@ -110,14 +107,6 @@ def test_without_cache_memory_the_result_is_the_same(name, sources, state_dicts,
 @pytest.fixture(scope="module")
 def uncached_workspace(sources) -> Workspace:
     return Workspace(sources, "base", cache_bytes=0)
-
-
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_packed_dare_levels_round_trip(k):
-    levels = torch.randint(0, 4096, (k, 1000), dtype=torch.int16)
-    packed = pack_levels(levels)
-    assert packed.dtype == torch.float32 and packed.shape == ((k + 1) // 2, 1000)
-    assert torch.equal(unpack_levels(packed, k), levels.float())
 
 
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties", "dare_ties"])
@@ -189,17 +178,14 @@ def test_fast_path_equals_reference_sweep(method, k, normalize, workspace, sourc
         assert any(not torch.equal(live[n], state_dicts["base"][n]) for n in pure)
 
 
-def test_dare_levels_are_cached_per_seed(workspace, sources, state_dicts):
+def test_dare_masks_follow_the_recipe_seed_with_nothing_cached(workspace, sources, state_dicts):
     recipe = make("dare_ties", sources)
-    workspace.apply(recipe)
-    cached = workspace.dare._cached
-    assert cached is not None and workspace.dare._seed == 5
-    workspace.apply(recipe.model_copy(update={"models": {
-        "a": {"weight": 0.9, "density": 0.2}, "c": {"weight": 0.1, "density": 0.7}}}))
-    assert workspace.dare._cached is cached  # new coefficients reuse the levels
+    before = workspace.held_bytes()["caches"]
+    first = snapshot(workspace.apply(recipe))
+    assert workspace.held_bytes()["caches"] == before  # levels are hashed, never stored
     other = recipe.model_copy(update={"seed": 6})
     live = snapshot(workspace.apply(other))
-    assert workspace.dare._seed == 6
+    assert any(not torch.equal(live[n], first[n]) for n in live)
     assert_same(live, merge_state_dicts(other, state_dicts, num_layers=4))
 
 
@@ -277,8 +263,8 @@ def test_merge_cache_bytes_from_the_load_config(sources):
     from evomerge.config import LoadConfig
 
     ws = Workspace(sources, "base", load=LoadConfig(merge_cache_bytes=0))
-    ws.apply(make("dare_ties", sources))
-    assert ws.dare._cached is None and ws.held_bytes()["caches"] == 0
+    ws.apply(make("della", sources))
+    assert not ws.della._cached and ws.held_bytes()["caches"] == 0
 
 
 @pytest.fixture(scope="module")

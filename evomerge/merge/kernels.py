@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge.merge import levels
+
 
 def linear_kernel(out: Tensor, base: Tensor, deltas: Tensor, coef: Tensor) -> None:
     """``out = coef[0] * base + sum_k coef[k + 1] * deltas_k`` (task arithmetic, linear)."""
@@ -61,45 +63,65 @@ def masked_kernel(out: Tensor, base: Tensor, deltas: Tensor, keep: Tensor, per_m
     out.copy_(combine(base, rows, per_model[0], shared))
 
 
-def della_kernel(out: Tensor, base: Tensor, deltas: Tensor, codes: Tensor, tables: Tensor,
-                 per_model: Tensor, shared: Tensor) -> None:
+def _levels(n: int, keys: Tensor, k: int, like: Tensor) -> Tensor:
+    """Task vector ``k``'s level of each of its ``n`` entries (:func:`levels.hash_levels`)."""
+    index = torch.arange(n, dtype=torch.int64, device=like.device)
+    return levels.hash_levels(index, keys[k, 0], keys[k, 1])
+
+
+def _della_keep(deltas: Tensor, ranks: Tensor, keys: Tensor, tables: Tensor, k: int) -> Tensor:
+    return ranks[k] >= tables[k][_levels(deltas.shape[1], keys, k, deltas)]
+
+
+def della_kernel(out: Tensor, base: Tensor, deltas: Tensor, ranks: Tensor, keys: Tensor,
+                 tables: Tensor, per_model: Tensor, shared: Tensor) -> None:
     """Generalized task arithmetic keeping the entries whose row rank reaches their level's
-    least kept rank: ``codes`` (K, n) int32 hold ``rank * 4096 + level``, ``tables`` (K, 4096)
-    int32 the least kept rank per level (:func:`evomerge.merge.trimming.della_table`);
-    ``per_model`` rows: weight, rescale factor; ``shared``: see :func:`combine`."""
+    least kept rank: ``ranks`` (K, n) int32 the ascending row ranks, ``keys`` (K, 2) int64 the
+    level keys, ``tables`` (K, 4096) int32 the least kept rank per level
+    (:func:`evomerge.merge.trimming.della_table`); ``per_model`` rows: weight, rescale factor;
+    ``shared``: see :func:`combine`."""
     rows = []
     for k in range(deltas.shape[0]):
-        keep = (codes[k] >> 12) >= tables[k][codes[k] & 4095]
+        keep = _della_keep(deltas, ranks, keys, tables, k)
         rows.append(torch.where(keep, deltas[k].float() * per_model[1, k] * per_model[0, k], 0.0))
     out.copy_(combine(base, rows, per_model[0], shared))
 
 
-def della_l1_kernel(sums: Tensor, deltas: Tensor, codes: Tensor, tables: Tensor) -> None:
+def della_l1_kernel(sums: Tensor, deltas: Tensor, ranks: Tensor, keys: Tensor,
+                    tables: Tensor) -> None:
     """``sums`` (2, K): each task vector's L1 norm and that of the entries DELLA keeps."""
     total, kept = [], []
     for k in range(deltas.shape[0]):
         a = deltas[k].float().abs()
-        keep = (codes[k] >> 12) >= tables[k][codes[k] & 4095]
         total.append(a.sum())
-        kept.append(torch.where(keep, a, 0.0).sum())
+        kept.append(torch.where(_della_keep(deltas, ranks, keys, tables, k), a, 0.0).sum())
     sums.copy_(torch.stack([torch.stack(total), torch.stack(kept)]))
 
 
-def dare_kernel(out: Tensor, base: Tensor, deltas: Tensor, packed: Tensor, per_model: Tensor,
+def dare_kernel(out: Tensor, base: Tensor, deltas: Tensor, keys: Tensor, per_model: Tensor,
                 shared: Tensor) -> None:
     """Generalized task arithmetic keeping the entries whose DARE level is below a cut-off.
 
-    ``packed[j]`` holds the levels of task vectors 2j and 2j+1 as ``4096 * a + b`` (float32,
-    exact); ``per_model`` rows: weight, level cut-off, rescale factor; ``shared``: see
-    :func:`combine`."""
+    ``keys`` (K, 2) int64: each task vector's level key (the levels are hashed on the fly,
+    :mod:`evomerge.merge.levels`); ``per_model`` rows: weight, level cut-off, rescale factor;
+    ``shared``: see :func:`combine`."""
     rows = []
     for k in range(deltas.shape[0]):
-        v = packed[k // 2]
-        high = torch.floor(v * (1.0 / 4096))
-        level = high if k % 2 == 0 else v - high * 4096
-        keep = level < per_model[1, k]
+        keep = _levels(deltas.shape[1], keys, k, deltas) < per_model[1, k]
         rows.append(torch.where(keep, deltas[k].float() * per_model[2, k] * per_model[0, k], 0.0))
     out.copy_(combine(base, rows, per_model[0], shared))
+
+
+def dare_l1_kernel(sums: Tensor, deltas: Tensor, keys: Tensor, cut: Tensor) -> None:
+    """``sums`` (2, K): each task vector's L1 norm and that of the entries DARE keeps with
+    level cut-offs ``cut`` (K,) (float32)."""
+    total, kept = [], []
+    for k in range(deltas.shape[0]):
+        a = deltas[k].float().abs()
+        keep = _levels(deltas.shape[1], keys, k, deltas) < cut[k]
+        total.append(a.sum())
+        kept.append(torch.where(keep, a, 0.0).sum())
+    sums.copy_(torch.stack([torch.stack(total), torch.stack(kept)]))
 
 
 def combine(base: Tensor, rows: list[Tensor], w: Tensor, shared: Tensor) -> Tensor:

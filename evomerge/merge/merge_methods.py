@@ -26,50 +26,44 @@ named functions (:func:`ties`, ...) run a method by its spec, with its defaults.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from evomerge.merge import levels as lv
 from evomerge.merge import trimming
 from evomerge.merge.methods_spec import METHODS
 
 RESCALE_EPS = 1e-7
 # -- sparsification ------------------------------------------------------------------------
 DARE_LEVELS = trimming.LEVELS
-"""DARE and DELLA draw one random level in ``[0, DARE_LEVELS)`` per entry: DARE keeps the entries
-below :func:`dare_cutoff` (density resolution 1/4096; levels fit float16 exactly, which the
-Workspace uses to cache them at 2 bytes per entry), DELLA compares them with a rank table."""
+"""DARE and DELLA give each entry one random level in ``[0, DARE_LEVELS)``, a hash of its index
+and the task vector's key (:mod:`evomerge.merge.levels`): DARE keeps the entries below
+:func:`dare_cutoff` (density resolution 1/4096), DELLA compares them with a rank table."""
 dare_cutoff = trimming.dare_cutoff
 
 
-def dare_levels(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
-    """One task vector's DARE levels (int16, on the generator's device)."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, DARE_LEVELS, tuple(shape), generator=generator, device=device,
-                         dtype=torch.int16)
-
-
-def random_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor | None:
+def random_mask(delta: Tensor, density: float, key: tuple[int, int] | None) -> Tensor | None:
     """DARE's keep mask: each entry kept with probability ``dare_cutoff(density) / 4096``
-    (None: keep all). Levels are drawn on the generator's device (CPU by default), so the mask
-    is the same on every device."""
+    (None: keep all); its levels from ``key`` (:mod:`evomerge.merge.levels`; None: a random
+    key), the same on every device."""
     if density >= 1:
         return None
-    return dare_levels(delta.shape, generator).to(delta.device) < dare_cutoff(density)
+    levels = lv.dare_levels(delta.shape, key or lv.random_key(), delta.device)
+    return levels < dare_cutoff(density)
 
 
 def della_mask(delta: Tensor, density: float, epsilon: float,
-               generator: torch.Generator | None) -> Tensor | None:
+               key: tuple[int, int] | None) -> Tensor | None:
     """DELLA's keep mask: row-ranked keep probabilities (:func:`trimming.della_table`), one
-    seeded random level per entry, drawn as DARE's are."""
+    random level per entry from ``key``, as DARE's are."""
     table = trimming.della_table(density, epsilon, trimming.row_length(delta.shape))
     if table is None:
         return None
-    levels = dare_levels(delta.shape, generator).to(delta.device).reshape(-1)
+    levels = lv.dare_levels(delta.shape, key or lv.random_key(), delta.device).reshape(-1)
     ranks = trimming.row_ranks(delta.abs())
-    return (ranks >= table.to(ranks.device)[levels.long()]).reshape(delta.shape)
+    return (ranks >= table.to(ranks.device)[levels]).reshape(delta.shape)
 
 
 def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool, inplace=False) -> Tensor:
@@ -86,17 +80,6 @@ def apply_mask(delta: Tensor, mask: Tensor | None, *, rescale: bool, inplace=Fal
     return out.mul_(before / after)
 
 
-def dare_generator(seed: int, tensor: str, model: str, device: str | torch.device = "cpu"):
-    """The generator for one task vector's DARE (and DELLA) levels, seeded from (seed, tensor,
-    model).
-
-    Keep the default CPU device for masks that do not depend on where the merge runs."""
-    digest = hashlib.sha256(f"{seed}\0{tensor}\0{model}".encode()).digest()
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return gen
-
-
 def sparsify(method: str, deltas: Tensor, **params) -> Tensor:
     """Sparsify each row of float32 ``deltas`` (K, ...) in place as merge ``method`` does
     (``params``: those of :func:`sparsify_as`)."""
@@ -111,19 +94,19 @@ def sparsify_as(
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
     rescale: bool = False,
-    generators: Sequence[torch.Generator | None] | None = None,
+    level_keys: Sequence[tuple[int, int] | None] | None = None,
 ) -> Tensor:
     """Sparsify each row of float32 ``deltas`` (K, ...) in place: ``kind`` is ``"random"``
     (DARE), ``"magnitude"`` (TIES), ``"outliers"`` (breadcrumbs), ``"della"`` (DELLA's
     magnitude-ranked random pruning) or None (keep all)."""
     for k in range(deltas.shape[0]):
         row = deltas[k]
-        gen = generators[k] if generators else None
+        key = level_keys[k] if level_keys else None
         mask: Tensor | None
         if kind == "random":
-            mask = random_mask(row, density[k], gen)
+            mask = random_mask(row, density[k], key)
         elif kind == "della":
-            mask = della_mask(row, density[k], epsilon[k] if epsilon else 0.0, gen)
+            mask = della_mask(row, density[k], epsilon[k] if epsilon else 0.0, key)
         elif kind is not None:
             g = gamma[k] if gamma is not None else 0.0
             mask = trimming.trim_mask(row.abs(), method=kind, density=density[k], gamma=g)
@@ -177,13 +160,14 @@ def gta_merge(base: Tensor, deltas: Tensor, *, sparsifier: str | None, consensus
     """Generalized task arithmetic on float32 task vectors ``deltas`` (K, ...), in place.
 
     ``params``: ``weight``, ``density``, ``gamma``, ``epsilon`` (per model), ``lambda_``,
-    ``normalize``, ``rescale``, and optionally ``generators`` (DARE, DELLA).
+    ``normalize``, ``rescale``, and optionally ``level_keys`` (DARE, DELLA; see
+    :func:`evomerge.merge.levels.level_key`).
     """
     if sparsifier is not None:
         sparsify_as(
             sparsifier, deltas, density=params["density"], gamma=params.get("gamma"),
             epsilon=params.get("epsilon"), rescale=params.get("rescale", False),
-            generators=params.get("generators"),
+            level_keys=params.get("level_keys"),
         )
     return combine(
         base, deltas, params["weight"], consensus=consensus,
@@ -197,7 +181,7 @@ def gta(base: Tensor, tensors: Tensor, *, sparsifier: str | None, consensus: boo
         gamma: float | Sequence[float] | None = None,
         epsilon: float | Sequence[float] | None = None, lambda_: float = 1.0,
         rescale: bool = False,
-        generators: Sequence[torch.Generator | None] | None = None) -> Tensor:
+        level_keys: Sequence[tuple[int, int] | None] | None = None) -> Tensor:
     """Generalized task arithmetic: the kernel of the task-arithmetic family, whose spec passes
     its ``sparsifier`` and ``consensus``; the result has ``base``'s dtype."""
     if base is None:
@@ -208,8 +192,8 @@ def gta(base: Tensor, tensors: Tensor, *, sparsifier: str | None, consensus: boo
         for key, value in (("gamma", gamma), ("epsilon", epsilon)):
             if value is not None:
                 params[key] = _per_model(value, tensors)
-        if generators is not None:
-            params["generators"] = generators
+        if level_keys is not None:
+            params["level_keys"] = level_keys
     deltas = tensors.float() - base.float()
     return gta_merge(base, deltas, sparsifier=sparsifier, consensus=consensus,
                      **params).to(base.dtype)

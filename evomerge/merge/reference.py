@@ -158,7 +158,7 @@ def merge_state_dicts(
     """
     import torch
 
-    from evomerge.merge.merge_methods import dare_generator
+    from evomerge.merge.levels import level_key
 
     plan = plan_merge(recipe, available=list(state_dicts))
     ref = state_dicts[plan.base or plan.models[0]]
@@ -171,9 +171,7 @@ def merge_state_dicts(
         tensors = torch.stack([_tensor(state_dicts, m, name) for m in plan.models])
         kwargs = tensor_params(recipe, plan, name, num_layers=num_layers)
         if plan.spec.seeded:
-            kwargs["generators"] = [
-                dare_generator(recipe.seed, name, m) for m in plan.models
-            ]
+            kwargs["level_keys"] = [level_key(recipe.seed, name, m) for m in plan.models]
         out[name] = plan.spec(base, tensors, **kwargs)
     if recipe.dtype is not None:
         dtype = getattr(torch, recipe.dtype)

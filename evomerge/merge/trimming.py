@@ -4,20 +4,21 @@ mergekit ranks entries with ``torch.argsort`` (not stable): TIES keeps the first
 ``max(1, int(density * n))`` of the descending order of ``|tau|`` (flattened, float32), breadcrumbs
 the window ``[n_bot, n_bot + int(density * n))`` of the ascending order, DELLA ranks each row
 ascending. Among entries whose ``|tau|`` ties a threshold, which ones are kept is whatever that
-argsort puts first; so evomerge ranks with the very same call and keeps a *rank window*: the
-kept set, ties included, is mergekit's, entry for entry (the reference merge ranks every
-entry). The Workspace trims by magnitude bounds, ties included, in one fused pass; it finds
-the bounds by selection (:func:`window_bounds`: exact order statistics from a sampled bracket,
-~55x faster than the sort on SmolLM2's task vectors) and only where a bound cuts a tie group
-takes the argsort order (:class:`SortedMagnitudes`) to rewrite that group's entries
+argsort puts first; so evomerge ranks TIES and breadcrumbs with the very same call and keeps a
+*rank window*: the kept set, ties included, is mergekit's, entry for entry (the reference merge
+ranks every entry). The Workspace trims by magnitude bounds, ties included, in one fused pass; it
+finds the bounds by selection (:func:`window_bounds`: exact order statistics from a sampled
+bracket, ~55x faster than the sort on SmolLM2's task vectors) and only where a bound cuts a tie
+group takes the argsort order (:class:`SortedMagnitudes`) to rewrite that group's entries
 (:func:`partial_ties`). With ``load.tie_order: index`` it keeps, of such a group, mergekit's
 count of entries, the ones with the lowest flat indices (:func:`index_ties`): no sort at all,
 and a merge that differs from mergekit's only in which equal-magnitude entries are kept. DELLA
-ranks every entry of a row (its keep probability is the rank's), so it always sorts, once per
-seed, as mergekit does.
+ranks every entry of a row (its keep probability is the rank's), so it sorts each row once
+(:func:`row_ranks`: ties by position, a key sort).
 
-Ranks are computed on the CPU in float32 (as mergekit does on the CPU), whatever device the task
-vector is on, so a merge on a GPU keeps the same entries as ``mergekit-yaml`` on a CPU.
+TIES and breadcrumbs ranks are computed on the CPU in float32 (as mergekit does on the CPU),
+whatever device the task vector is on, so a merge on a GPU keeps the same entries as
+``mergekit-yaml`` on a CPU; DELLA's ranks (a total order) are the same on every device.
 
 >>> import torch
 >>> a = torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0])
@@ -72,11 +73,35 @@ def row_ranks(abs_delta: Tensor) -> Tensor:
     """DELLA's 0-based ascending rank of each entry within its row (mergekit ranks along
     dimension 1; a 1-D tensor is one row), flattened to ``abs_delta.numel()``, int32.
 
-    mergekit sorts in the tensor's own dtype (bfloat16 stays bfloat16 on the CPU)."""
+    Equal magnitudes are ranked by their position in the row. (mergekit's ``argsort`` is not
+    stable, so it leaves their order unspecified; DELLA's masks are random, which no merge can
+    tell apart.) A float32 row is ranked by sorting one int64 key per entry, its magnitude's
+    bits above its position (all keys distinct, so every sort gives the same order), ~4.5x
+    faster than ``argsort`` on CPU (numpy's vectorised sort); other dtypes by a stable
+    ``argsort``, the same ranks."""
     rows = abs_delta if abs_delta.dim() >= 2 else abs_delta.reshape(1, -1)
-    work = rows.detach().to("cpu").movedim(1, -1)
-    order = torch.argsort(work, dim=-1, descending=False)
-    return _inverse(order).movedim(-1, 1).reshape(-1).to(abs_delta.device)
+    work = rows.detach().movedim(1, -1)
+    if work.dtype in (torch.float16, torch.bfloat16):
+        work = work.float()  # exact, order and ties kept
+    shape = work.shape
+    work = work.reshape(-1, shape[-1])
+    m = shape[-1]
+    steps = torch.arange(m, dtype=torch.int32, device=work.device).expand(work.shape)
+    if work.dtype == torch.float32 and m < 1 << 31:
+        keys = work.contiguous().view(torch.int32).to(torch.int64)
+        keys.bitwise_left_shift_(32).bitwise_or_(torch.arange(m, device=work.device))
+        if keys.device.type == "cpu":
+            ordered = keys.numpy()
+            ordered.sort(axis=-1)
+            keys = torch.from_numpy(ordered)
+        else:
+            keys = torch.sort(keys, dim=-1).values
+        order = keys.bitwise_and_(0xFFFFFFFF)
+    else:
+        order = torch.argsort(work, dim=-1, stable=True)
+    ranks = torch.empty(work.shape, dtype=torch.int32, device=work.device).scatter_(-1, order,
+                                                                                   steps)
+    return ranks.reshape(shape).movedim(-1, 1).reshape(-1)
 
 
 def row_length(shape: torch.Size | tuple[int, ...]) -> int:

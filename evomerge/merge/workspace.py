@@ -25,11 +25,12 @@ candidate by selection (:func:`evomerge.merge.trimming.window_bounds`: a sampled
 partition of the few entries inside it), exactly mergekit's kept set; mergekit's argsort order
 is computed (and cached, :class:`~evomerge.merge.merge_cache.SortCache`) only for a task vector
 where a bound cuts a tie group, and never with ``load.tie_order: index`` (the lowest-index
-entries of such a group are kept, :func:`evomerge.merge.trimming.index_ties`). DARE masks and
-DELLA codes come from caches built on first use
-(:mod:`evomerge.merge.merge_cache`), each kept only if it fits in ``cache_bytes`` (default: half
-the free memory of the device). DARE levels are drawn from generators seeded by (recipe seed,
-tensor name, model name) on the CPU, so a recipe is reproducible bit for bit. The result equals
+entries of such a group are kept, :func:`evomerge.merge.trimming.index_ties`). DARE and DELLA's
+random levels are hashed inside the kernels from (recipe seed, tensor name, model name) and each
+entry's index (:mod:`evomerge.merge.levels`): nothing drawn or stored, the same on every device,
+so a recipe is reproducible bit for bit. DELLA's row ranks come from a cache built on first use
+(:mod:`evomerge.merge.merge_cache`), kept only if it fits in ``cache_bytes`` (default: half the
+free memory of the device). The result equals
 :func:`evomerge.merge.reference.merge_state_dicts` to float32 rounding (for a 16-bit load: that
 merge of the stored weights, rounded to the model's dtype).
 
@@ -48,7 +49,7 @@ import torch
 from torch import Tensor
 
 from evomerge.config import LoadConfig
-from evomerge.merge import kernels, trimming
+from evomerge.merge import kernels, levels, trimming
 from evomerge.merge import merge_methods as mm
 from evomerge.merge.loading import (
     SafetensorsReader,
@@ -60,8 +61,7 @@ from evomerge.merge.loading import (
     load_tokenizer,
 )
 from evomerge.merge.merge_cache import (
-    DareLevels,
-    DellaCodes,
+    DellaRanks,
     SceVariance,
     SortCache,
     rescale_factors,
@@ -79,9 +79,9 @@ class Workspace:
 
     ``cache_bytes`` caps each cache (:mod:`evomerge.merge.merge_cache`): mergekit's argsort
     order of the task vectors where a TIES or breadcrumbs bound cuts a tie group (8 bytes per
-    entry of those; beyond the cap sorted again when needed), the DARE levels of one seed
-    (``K x params x 2`` bytes) and the DELLA codes of one seed (``K x params x 4`` bytes; beyond
-    the cap drawn anew per candidate). None: half the memory free on the device when the cache
+    entry of those; beyond the cap sorted again when needed) and DELLA's row ranks
+    (``K x params x 4`` bytes, for every seed; beyond the cap ranked anew per candidate); DARE
+    needs no cache. None: half the memory free on the device when the cache
     is built. Default: ``load.merge_cache_bytes``. :meth:`held_bytes` counts what it holds.
     """
 
@@ -117,8 +117,8 @@ class Workspace:
         if cache_bytes is None:
             cache_bytes = load.merge_cache_bytes
         self.sorts = SortCache(self._deltas, cache_bytes)
-        self.dare = DareLevels(self._deltas, others, cache_bytes)
-        self.della = DellaCodes(self._deltas, others, cache_bytes)
+        self.della = DellaRanks(self._deltas, cache_bytes)
+        self._level_keys: dict[tuple[int, str, tuple[int, ...]], Tensor] = {}
         self.sce = SceVariance(self._deltas, cache_bytes)
         self._bounds: dict[tuple[str, str, int],
                            tuple[tuple[int, int], trimming.Bounds, Ties | None]] = {}
@@ -191,7 +191,7 @@ class Workspace:
         def size(tensors: Any) -> int:
             return sum(t.numel() * t.element_size() for t in tensors)
 
-        caches = self.sorts.nbytes() + self.dare.nbytes() + self.della.nbytes()
+        caches = self.sorts.nbytes() + self.della.nbytes()
         return {"model": size(self._params.values()),
                 "base": size(self._base[n] for n in self._params if n not in self._aliased),
                 "task_vectors": size(self._deltas.values()),
@@ -279,14 +279,30 @@ class Workspace:
 
     def _dare(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
               rows: list[int], kwargs: dict) -> None:
-        packed, cum = self.dare.get(recipe.seed, name, rows)
-        cut = [mm.dare_cutoff(d) for d in kwargs["density"]]
-        after = [float(cum[k, c]) for k, c in enumerate(cut)]
-        scale = rescale_factors([float(b) for b in cum[:, -1]], after, kwargs["rescale"])
-        per_model = [kwargs["weight"], [float(c) for c in cut], scale]
-        kernels.run(kernels.dare_kernel, param.view(-1), self._base[name].view(-1),
-                    self._rows(name, rows), packed, self._pack(per_model),
+        """One fused pass; the levels are hashed in the kernel (nothing drawn or cached), and
+        the rescale factors come from one reduction over the same task vectors first."""
+        deltas = self._rows(name, rows)
+        keys = self._keys(recipe.seed, name, rows)
+        cut = [float(mm.dare_cutoff(d)) for d in kwargs["density"]]
+        scale = [1.0] * len(rows)
+        if kwargs["rescale"]:
+            scale = self._rescale(kernels.dare_l1_kernel, deltas, keys,
+                                  torch.tensor(cut, device=self._device))
+        kernels.run(kernels.dare_kernel, param.view(-1), self._base[name].view(-1), deltas,
+                    keys, self._pack([kwargs["weight"], cut, scale]),
                     self._shared(plan.spec, kwargs))
+
+    def _keys(self, seed: int, name: str, rows: list[int]) -> Tensor:
+        """The level keys (K, 2) of task vectors ``rows`` of tensor ``name`` for ``seed``
+        (kept: a few bytes per tensor, and SHA-256 per tensor and model is not free)."""
+        cache_key = (seed, name, tuple(rows))
+        keys = self._level_keys.get(cache_key)
+        if keys is None:
+            models = list(self._row)
+            keys = levels.keys_tensor([levels.level_key(seed, name, models[r]) for r in rows],
+                                      self._device)
+            self._level_keys[cache_key] = keys
+        return keys
 
     def _trim(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
               rows: list[int], kwargs: dict) -> None:
@@ -366,7 +382,8 @@ class Workspace:
     def _della(self, recipe: Recipe, plan: MergePlan, name: str, param: Tensor,
                rows: list[int], kwargs: dict) -> None:
         deltas = self._rows(name, rows)
-        codes = self.della.get(recipe.seed, name, rows)
+        ranks = self.della.get(name, rows)
+        keys = self._keys(recipe.seed, name, rows)
         row = trimming.row_length(self._base[name].shape)
         tables = []
         for density, epsilon in zip(kwargs["density"], kwargs["epsilon"], strict=True):
@@ -376,9 +393,9 @@ class Workspace:
         table = torch.stack(tables).to(self._device)
         scale = [1.0] * len(rows)
         if kwargs["rescale"]:
-            scale = self._rescale(kernels.della_l1_kernel, deltas, codes, table)
+            scale = self._rescale(kernels.della_l1_kernel, deltas, ranks, keys, table)
         kernels.run(kernels.della_kernel, param.view(-1), self._base[name].view(-1), deltas,
-                    codes, table, self._pack([kwargs["weight"], scale]),
+                    ranks, keys, table, self._pack([kwargs["weight"], scale]),
                     self._shared(plan.spec, kwargs))
 
     def _rescale(self, kernel: Callable[..., None], deltas: Tensor, *masks: Tensor) -> list[float]:
@@ -404,7 +421,7 @@ class Workspace:
                                else torch.zeros_like(base, dtype=torch.float32)
                                for m in plan.models]) + base.float()
         if plan.spec.seeded:
-            kwargs["generators"] = [mm.dare_generator(recipe.seed, name, m) for m in plan.models]
+            kwargs["level_keys"] = [levels.level_key(recipe.seed, name, m) for m in plan.models]
         param.copy_(plan.spec(base if plan.base is not None else None, tensors, **kwargs))
 
     def _rows(self, name: str, rows: list[int]) -> Tensor:
