@@ -102,6 +102,7 @@ def searches(layers: int) -> dict[str, dict[str, Any]]:
                       "seeded": False, "baselines": False},
         **dfs_searches(per_model, cma),
         **cost_searches({**per_layer, "method": "task_arithmetic"}, cma),
+        **lever_searches({**per_layer, "method": "task_arithmetic"}),
     }
 
 
@@ -155,6 +156,42 @@ def cost_searches(ta: dict[str, Any], cma: dict[str, Any]) -> dict[str, dict[str
                                           "new": True},
     }
     return {k: {"space": ta, "seeded": True, "optional": True, **v} for k, v in rows.items()}
+
+
+# -- v4 lever rows (issue 18): subset size, anchors, sampler, space, each with confirm -------
+def lever_label(sampler: str, space: str, method: str, size: int, confirm: int,
+                warmup: int = 0) -> str:
+    """e.g. ``gp per-model TA random subset 8 up front confirm 3``."""
+    when = "up front" if warmup == 0 else f"warmup {warmup}"
+    return f"{sampler} {space} TA {method} subset {size} {when} confirm {confirm}"
+
+
+LEVERS = (  # (sampler, space, subset method, size, confirm, warmup)
+    ("gp", "per-layer", "random", 8, 3, 0), ("gp", "per-layer", "random", 12, 3, 0),
+    ("tpe", "per-layer", "random", 8, 3, 0), ("gp", "per-layer", "anchors", 8, 3, 3),
+    ("gp", "per-model", "random", 8, 3, 0), ("gp", "per-model", "random", 16, 3, 0),
+    ("gp", "per-model", "random", 8, 1, 0), ("gp", "per-model", "random", 4, 3, 0),
+    ("tpe", "per-model", "random", 8, 3, 0), ("gp", "per-model", "anchors", 8, 3, 3),
+    ("cmaes", "per-model", "random", 8, 3, 0), ("gp", "linear", "random", 8, 3, 0),
+)
+
+
+def lever_searches(ta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The v4 rows: one ``LEVERS`` combination each (all optional). ``per-model``: one weight
+    per model (``layer_groups: 1``); ``linear``: a linear layer schedule (2 per model)."""
+    spaces = {"per-layer": ta, "per-model": {**ta, "layer_groups": 1},
+              "linear": {**ta, "layer_groups": 1, "schedule": {"kind": "linear"}}}
+    samplers = {"gp": {"name": "gp"}, "tpe": {"name": "tpe"},
+                "cmaes": {"name": "cmaes", "popsize": 8, "sigma0": 0.25, "start": "uniform"}}
+    rows = {}
+    for sampler, space, method, size, confirm, warmup in LEVERS:
+        rows[lever_label(sampler, space, method, size, confirm, warmup)] = {
+            "space": spaces[space], "sampler": samplers[sampler], "seeded": True,
+            "optional": True, "new": True, "fidelity": {"subset": {
+                "method": method, "size": size, "warmup": warmup, "confirm": confirm}}}
+    rows["gp per-model TA"] = {"space": spaces["per-model"], "sampler": samplers["gp"],
+                               "seeded": True, "optional": True}
+    return rows
 
 
 # -- DFS rows (--rows dfs): DFS alone and PS then DFS, next to PS alone and the references -----
