@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                     "cuda:N, mps")
     mg.add_argument("--allow-pickle", action="store_true", help="allow .bin checkpoints")
     mg.add_argument("--force", action="store_true", help="replace OUT if it is an earlier export")
+    mg.add_argument("--tie-order", choices=["mergekit", "index"], default="mergekit",
+                    help="which tied entries a TIES/breadcrumbs trim keeps (load.tie_order): "
+                    "give the search's (`index` if the job set it; the recipe's header says)")
 
     se = sub.add_parser("search", help="run a search job to its budget")
     se.add_argument("job", type=Path, help=JOB_HELP)
@@ -216,7 +219,8 @@ def _merge(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"recipe {str(args.recipe)!r} does not exist")
     recipe = Recipe.from_yaml(args.recipe.read_text())
     load = LoadConfig(
-        device=args.device, allow_pickle=args.allow_pickle, dtype=recipe.dtype or "float32"
+        device=args.device, allow_pickle=args.allow_pickle, dtype=recipe.dtype or "float32",
+        tie_order=args.tie_order,
     )
     # an HF export: same weights, plus the card and the marker that makes --force safe
     print(export_recipe(recipe, args.out, "hf", force=args.force, load=load))

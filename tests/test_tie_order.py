@@ -202,3 +202,29 @@ def test_mergekit_export_says_index_order_differs_in_tied_entries_only(grid, tmp
     text = export_recipe(plain, tmp_path / "ta.yaml", "mergekit",
                          load=LoadConfig(tie_order="index")).read_text()
     assert "tie_order" not in text  # nothing is trimmed, nothing differs
+
+
+def test_evomerge_merge_takes_the_tie_order(grid, tmp_path):
+    """``evomerge merge --tie-order index`` writes the weights a search with
+    ``load.tie_order: index`` merged (bit for bit); without it, mergekit's order (they differ
+    on the grid, where trim bounds cut tie groups); the recipe export says which to give."""
+    from safetensors.torch import load_file
+
+    from evomerge import cli
+    from evomerge.runs.export import export_recipe
+
+    sources, sds = grid
+    models = {"a": {"weight": 1.0, "density": (0.3, 0.55)}, "b": {"weight": 0.5, "density": 0.2}}
+    recipe = Recipe(method="ties", sources=sources, base_model="base", models=models,
+                    parameters={"normalize": False})
+    saved = tmp_path / "recipe.yaml"
+    export_recipe(recipe, saved, "recipe", load=LoadConfig(tie_order="index"))
+    assert "evomerge merge THIS_FILE OUT/ --tie-order index" in saved.read_text()
+    assert cli.main(["merge", str(saved), str(tmp_path / "index"), "--tie-order", "index"]) == 0
+    assert cli.main(["merge", str(saved), str(tmp_path / "mergekit")]) == 0
+    index = load_file(str(tmp_path / "index" / "model.safetensors"))
+    default = load_file(str(tmp_path / "mergekit" / "model.safetensors"))
+    want = stable_ties_merge(sds, models, normalize=False)
+    for key, tensor in want.items():
+        assert torch.equal(index[key], tensor), key
+    assert any(not torch.equal(default[k], index[k]) for k in want)

@@ -182,7 +182,10 @@ def _write_one(recipe: AnyRecipe, path: Path, fmt: str, *, metrics: Mapping[str,
                load: LoadConfig | None) -> None:
     header = _header(study_name, trial, metrics, held_out)
     if fmt == "recipe":
-        header.append("Re-create the weights: evomerge merge THIS_FILE OUT/")
+        again = "evomerge merge THIS_FILE OUT/"
+        if load is not None and load.tie_order != "mergekit":
+            again += f" --tie-order {load.tie_order}"  # else ties cut by a trim differ
+        header.append(f"Re-create the weights: {again}")
         path.write_text("".join(f"# {line}\n" for line in header) + recipe.to_yaml())
     elif fmt == "mergekit":
         from evomerge.runs.export_mergekit import export_mergekit_yaml
