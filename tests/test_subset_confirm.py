@@ -183,3 +183,18 @@ def test_a_killed_confirmation_resumes_without_rescoring(ray_local, subset_run) 
                                             t.user_attrs]) == 8
     of = [t.user_attrs[CONFIRM_ATTR] for t in trials if CONFIRM_ATTR in t.user_attrs]
     assert len(of) == len(set(of)) and to_confirm(trials, 3, maximize=False) == []
+
+
+def test_results_name_the_trial_each_confirmation_rescored(search_suite, tmp_path):
+    from evomerge.runs.results import results_frame
+    from evomerge.runs.summary import results_view
+
+    study, job = constructed(search_suite, tmp_path)
+    assert "confirms" not in results_view(results_frame(study, job), job, width=200)
+    confirm(study, job, 2, 0.78)
+    frame = results_frame(study, job)
+    assert frame.loc[5, "confirm_of"] == 2 and frame.loc[1, "confirm_of"] == ""
+    lines = results_view(frame, job, width=200).splitlines()
+    assert "confirms" in lines[0]
+    row = next(ln for ln in lines if ln.split()[:1] == ["5"])
+    assert "#2" in row.split()

@@ -23,6 +23,7 @@ from evomerge.search.fidelity import dominates
 from evomerge.search.heldout import stored_held_out
 from evomerge.search.storage import JOB_ATTR, load_job_dict, open_storage
 from evomerge.search.storage import storage_url as storage_url_of
+from evomerge.search.study import CONFIRM_ATTR
 
 
 def open_run(
@@ -162,6 +163,7 @@ def results_frame(study: optuna.Study, job: JobConfig) -> pd.DataFrame:
             "trial": t.number,
             "state": t.state.name,
             "baseline": t.user_attrs.get("baseline", ""),
+            "confirm_of": t.user_attrs.get(CONFIRM_ATTR, ""),  # a subset trial re-scored
         }
         for obj, v in zip(job.objectives, t.values or [None] * len(job.objectives), strict=True):
             row[f"objective:{obj.label}"] = v

@@ -323,7 +323,8 @@ def _duration(seconds: float) -> str:
 
 
 def results_view(df: pd.DataFrame, job: JobConfig, *, width: int = 100) -> str:
-    """The default ``evomerge results`` table: trial, state, baseline, the objective(s), the
+    """The default ``evomerge results`` table: trial, state, baseline (and, once a subset search
+    confirmed some, the trial each confirmation re-scored), the objective(s), the
     held-out score(s), the examples the trial scored (all rungs), then the metrics of each
     weighted mean while the table fits ``width`` columns (``--all`` prints every column). The
     lines under it name what the headers stand for."""
@@ -335,6 +336,9 @@ def results_view(df: pd.DataFrame, job: JobConfig, *, width: int = 100) -> str:
     view = pd.DataFrame(index=df.index)
     view["state"] = df["state"]
     view["baseline"] = df["baseline"].where(df["state"] != "REFERENCE", "")  # named in the index
+    confirms = df["confirm_of"].fillna("") if "confirm_of" in df.columns else None
+    if confirms is not None and (confirms != "").any():  # the reference rows have none
+        view["confirms"] = [f"#{v}" if v != "" else "" for v in confirms]
     for label, name in zip(labels, names, strict=True):
         held = f"held_out{name.removeprefix('objective')}"
         for col, key in ((name, f"objective:{label}"), (held, held_out_column(label))):
