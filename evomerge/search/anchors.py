@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from evomerge.search.rank_fidelity import kendall_tau
-from evomerge.strict import ConfigError
 
 SUBSET_ATTR = "fidelity:subset"  # study user attr: the chosen subset per label and its taus
 WARMUP_ATTR = "subset_warmup"  # trial user attr: scored in full with per-example scores
@@ -286,39 +285,3 @@ def fitness_examples(evaluators: Sequence[Any]) -> dict[str, int]:
         elif isinstance(getattr(ev, "label", None), str) and ev.num_examples is not None:
             out[ev.label] = int(ev.num_examples)
     return out
-
-
-def check_subset_job(job: Any) -> None:
-    """ConfigError, when ``search.fidelity.subset`` is on (``search`` or ``search.then``),
-    naming the evaluator that cannot score a weighted subset; or saying that no evaluator
-    scores examples (all ``cost``); or that ``confirm`` is set on several objectives (the
-    confirmation re-scores the top trials of one objective)."""
-    then = job.search.then
-    for key, fid, objectives in (
-        ("search", job.search.fidelity, job.objectives),
-        ("search.then", getattr(then, "fidelity", None),
-         getattr(then, "objectives", None) or job.objectives),
-    ):
-        if fid is None or fid.subset is None:
-            continue
-        if all(ev.name == "cost" for ev in job.evaluators):
-            raise ConfigError(
-                f"{key}.fidelity.subset: every evaluator is cost, which scores no examples, "
-                f"so there is no example to draw a subset from; add an accuracy, entropy or "
-                f"lm_eval evaluator, or remove {key}.fidelity.subset"
-            )
-        if fid.subset.confirm and len(objectives) > 1:
-            raise ConfigError(
-                f"{key}.fidelity.subset.confirm: is {fid.subset.confirm} with "
-                f"{len(objectives)} objectives, but it re-scores the top trials of one "
-                f"objective; set confirm: 0, or combine the metrics in one objective with "
-                f"'weights'"
-            )
-        for i, ev in enumerate(job.evaluators):
-            if ev.name not in SUBSET_EVALUATORS:
-                raise ConfigError(
-                    f"evaluators.{i}: {ev.name} cannot be scored on a weighted subset of "
-                    f"examples ({key}.fidelity.subset is on; {ev.name} is not a mean over "
-                    f"examples); use {', '.join(SUBSET_EVALUATORS[:3])}, or remove "
-                    f"{key}.fidelity.subset"
-                )

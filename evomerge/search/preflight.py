@@ -40,8 +40,6 @@ def preflight(
         check_objectives(job.objectives, job.evaluators)
     except ValueError as err:
         raise ConfigError(f"{err}; fix the metric name or add the evaluator") from None
-    from evomerge.search.anchors import check_subset_job  # search.fidelity.subset's evaluators
-
     check_subset_job(job)
     local = not (address or job.resources.address or os.environ.get("RAY_ADDRESS"))
     notes: list[str] = []
@@ -233,3 +231,41 @@ def _required(ev: DataEvalConfig) -> tuple[str, ...]:
     if ev.name == "perplexity" and field == "text":
         return ()  # the toy data's prompt + answer also make a text (evaluators.text)
     return (field,)
+
+
+def check_subset_job(job: Any) -> None:
+    """ConfigError, when ``search.fidelity.subset`` is on (``search`` or ``search.then``),
+    naming the evaluator that cannot score a weighted subset; or saying that no evaluator
+    scores examples (all ``cost``); or that ``confirm`` is set on several objectives (the
+    confirmation re-scores the top trials of one objective)."""
+    from evomerge.search.anchors import SUBSET_EVALUATORS
+
+    then = job.search.then
+    for key, fid, objectives in (
+        ("search", job.search.fidelity, job.objectives),
+        ("search.then", getattr(then, "fidelity", None),
+         getattr(then, "objectives", None) or job.objectives),
+    ):
+        if fid is None or fid.subset is None:
+            continue
+        if all(ev.name == "cost" for ev in job.evaluators):
+            raise ConfigError(
+                f"{key}.fidelity.subset: every evaluator is cost, which scores no examples, "
+                f"so there is no example to draw a subset from; add an accuracy, entropy or "
+                f"lm_eval evaluator, or remove {key}.fidelity.subset"
+            )
+        if fid.subset.confirm and len(objectives) > 1:
+            raise ConfigError(
+                f"{key}.fidelity.subset.confirm: is {fid.subset.confirm} with "
+                f"{len(objectives)} objectives, but it re-scores the top trials of one "
+                f"objective; set confirm: 0, or combine the metrics in one objective with "
+                f"'weights'"
+            )
+        for i, ev in enumerate(job.evaluators):
+            if ev.name not in SUBSET_EVALUATORS:
+                raise ConfigError(
+                    f"evaluators.{i}: {ev.name} cannot be scored on a weighted subset of "
+                    f"examples ({key}.fidelity.subset is on; {ev.name} is not a mean over "
+                    f"examples); use {', '.join(SUBSET_EVALUATORS[:3])}, or remove "
+                    f"{key}.fidelity.subset"
+                )
